@@ -1,0 +1,171 @@
+"""The load pipeline of one rank: open, plan, check, read in parallel, restore.
+
+Loading needs no cooperation between ranks except an optional strict-mode reduction
+(so that a tensor another pipeline stage loads is not reported as unexpected here).
+Tensors are filled in place; chunks are read by a bounded thread pool and scattered
+straight into the destination views, so memory beyond the state is a few chunks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt.config import Config
+from ckpt.dist import DistContext
+from ckptd.errors import MissingKeysError, StateMergeError
+from ckptd.execute import apply_reads
+from ckptd.formats.manifest import Manifest
+from ckptd.formats.reader import CheckpointReader
+from ckptd.formats.storage import Storage
+from ckptd.layout import Layout, build_rank_layout, local_tensor
+from ckptd.planner import build_load_plan
+from ckptd.rng import pick_rng_source, restore_rng
+from ckptd.statedict import FlatState, flatten_state
+
+log = logging.getLogger("ckpt.load")
+
+MergeRule = str | Callable[[list[Any]], Any]
+_MERGES: dict[str, Callable[[list[Any]], Any]] = {
+    "first": lambda vs: vs[0],
+    "sum": sum,
+    "max": max,
+    "min": min,
+    "list": list,
+}
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """Outcome of a load: the step, keys not found / not used, bytes read, time."""
+
+    step: int
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    bytes_read: int
+    seconds: float
+
+
+def load_state(
+    state: dict[str, Any],
+    storage: Storage,
+    step: int | None,
+    layout: Layout | None,
+    strict: bool,
+    merge: Mapping[str, MergeRule] | None,
+    config: Config,
+    ctx: DistContext,
+) -> LoadResult:
+    """Fill ``state`` in place from a committed checkpoint (see module docstring)."""
+    t0 = time.perf_counter()
+    reader = CheckpointReader.open(storage, step)
+    flat = flatten_state(state)
+    lay = build_rank_layout(flat, layout, ctx.rank)
+    stored = reader.stored_tensors()
+    plan = build_load_plan(lay, stored)
+    man = reader.manifest
+    missing = set(plan.missing) | {k for k in flat.objects if k not in man.state and k not in man.per_rank_state}
+    unexpected = _global_unexpected(man, lay, flat, ctx)
+    if strict and (missing or unexpected):
+        raise MissingKeysError(sorted(missing), sorted(unexpected))
+    if missing or unexpected:
+        log.warning("load of step %d: %d missing key(s), %d unexpected", reader.step, len(missing), len(unexpected))
+    objects = _resolve_objects(flat, man, lay.coords_key(), ctx, merge or {})
+    reader.check_objects(plan.reads)  # a missing object fails here, before any tensor is touched
+
+    locals_ = {e.key: local_tensor(flat.tensors[e.key]) for e in lay.entries}
+    nbytes = 0
+    with torch.no_grad(), ThreadPoolExecutor(config.read_workers, thread_name_prefix="ckpt-read") as pool:
+        def work(r):  # noqa: ANN001, ANN202 - local closure
+            chunk = reader.read_chunk(r.name, r.index, r.box)
+            apply_reads(r, chunk, locals_)
+            return chunk.numel() * chunk.element_size()
+
+        for n in pool.map(work, plan.reads):
+            nbytes += n
+    for k, v in objects.items():
+        flat.set_object(k, v)
+    _restore_rng(flat, man, lay.coords_key(), ctx)
+    flat.finalize()
+    return LoadResult(reader.step, tuple(sorted(missing)), tuple(sorted(unexpected)), nbytes, time.perf_counter() - t0)
+
+
+def _global_unexpected(man: Manifest, lay: Any, flat: FlatState, ctx: DistContext) -> set[str]:
+    """Stored tensors / JSON keys that no rank of the job asked for."""
+    names = sorted(man.tensors) + sorted(set(man.state) | set(man.per_rank_state))
+    asked = {p.name for e in lay.entries for p in e.pieces} | set(flat.objects)
+    mask = torch.tensor([1 if n in asked else 0 for n in names], dtype=torch.uint8)
+    ctx.all_reduce_max(mask)
+    return {n for n, m in zip(names, mask.tolist()) if not m}
+
+
+def _same_layout(man: Manifest, coords_key: str, ctx: DistContext) -> bool:
+    saved = man.layout.get("coords", [])
+    return int(man.layout.get("world_size", -1)) == ctx.world and coords_key in saved
+
+
+def _resolve_objects(
+    flat: FlatState, man: Manifest, coords_key: str, ctx: DistContext, merge: Mapping[str, MergeRule]
+) -> dict[str, Any]:
+    out = {}
+    same = _same_layout(man, coords_key, ctx)
+    for k in flat.objects:
+        if k in man.state:
+            out[k] = man.state[k]
+        elif k in man.per_rank_state:
+            per = man.per_rank_state[k]
+            if same and coords_key in per:
+                out[k] = per[coords_key]
+                continue
+            rule = _rule_for(k, merge)
+            if rule is None:
+                raise StateMergeError(
+                    f"state key {k!r} differs per rank ({len(per)} saved values) and the layout "
+                    "changed; pass merge={" + repr(k) + ": 'sum' | 'max' | 'min' | 'first' | "
+                    "'list' | callable} to ckpt.load"
+                )
+            order = [c for c in man.layout.get("coords", []) if c in per]
+            out[k] = rule([per[c] for c in order])
+    return out
+
+
+def _rule_for(key: str, merge: Mapping[str, MergeRule]) -> Callable[[list[Any]], Any] | None:
+    rule = merge.get(key)
+    if rule is None:
+        for pat, r in merge.items():
+            if fnmatch.fnmatchcase(key, pat):
+                rule = r
+                break
+    if rule is None:
+        return None
+    if isinstance(rule, str):
+        if rule not in _MERGES:
+            raise StateMergeError(f"unknown merge rule {rule!r} for {key!r}; use one of {sorted(_MERGES)}")
+        return _MERGES[rule]
+    return rule
+
+
+def _restore_rng(flat: FlatState, man: Manifest, coords_key: str, ctx: DistContext) -> None:
+    if not flat.rng_keys or not man.rng:
+        return
+    order = [c for c in man.layout.get("coords", []) if c in man.rng] or sorted(man.rng)
+    source, exact = pick_rng_source(coords_key, ctx.rank, man.rng, order)
+    if not (exact and _same_layout(man, coords_key, ctx)):
+        if not exact:
+            warnings.warn(
+                f"layout changed: rank {ctx.rank} ({coords_key}) restores the RNG state saved by "
+                f"{source} (rule: saved rank = rank % saved world size)",
+                stacklevel=3,
+            )
+    for k in flat.rng_keys:
+        states = man.rng[source]
+        if k in states:
+            restore_rng(states[k])

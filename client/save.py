@@ -1,0 +1,359 @@
+"""The save pipeline of one rank: plan (cached per layout), stage, persist, commit.
+
+``Saver.save`` blocks only while tensors are copied into reused staging memory; a
+single background thread per process then exchanges boundary regions, writes chunks,
+and takes part in the commit, so background collectives stay in order. Rank 0 is the
+coordinator: it writes the manifest and the commit marker once every rank reported
+its chunks durable, then applies retention in yet another thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt.config import Config
+from ckpt.dist import DistContext, describe, raise_if_failed
+from ckpt.staging import Arena, ArenaPool, arena_bytes
+from ckptd.errors import CkptError, InvalidKeyError
+from ckptd.execute import ChunkRecipe, assemble_chunk, chunk_recipes, piece_view, transfer_payload
+from ckptd.formats import commit as commit_mod
+from ckptd.formats.chunkcodec import CodecPolicy, crc32c
+from ckptd.formats.manifest import ChunkRecord, Manifest, TensorRecord, group_metadata_bytes
+from ckptd.formats.retention import BackgroundGC
+from ckptd.formats.storage import Storage
+from ckptd.formats.writer import CheckpointWriter, is_packed
+from ckptd.fragments import RankLayout, layout_from_json, layout_to_json
+from ckptd.layout import Layout, build_rank_layout, local_tensor
+from ckptd.planner import RankSavePlan, SavePlan, build_save_plan
+from ckptd.rng import capture_rng
+from ckptd.statedict import FlatState, flatten_state, json_dumps
+
+log = logging.getLogger("ckpt.save")
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """Outcome of a finished save."""
+
+    step: int
+    root: str
+    bytes_written: int
+    stall_s: float
+    total_s: float
+    committed: bool
+
+
+class SaveHandle:
+    """Returned by ``ckpt.save``: ``wait()`` returns the result or raises its error."""
+
+    def __init__(self, step: int, future: Future[SaveResult], stall_s: float) -> None:
+        self.step = step
+        self.stall_s = stall_s
+        self._future = future
+
+    def wait(self, timeout: float | None = None) -> SaveResult:
+        """Block until the checkpoint is committed (or failed: the error is raised here)."""
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """A global plan and everything derived from it for this rank (cached per layout)."""
+
+    plan: SavePlan
+    rank_plan: RankSavePlan
+    recipes: tuple[ChunkRecipe, ...]
+    records: dict[str, TensorRecord]  # without chunks
+    meta_owned: tuple[str, ...]  # unpacked arrays whose zarr.json this rank writes
+    specs: tuple[tuple[str, tuple[int, ...]], ...]  # staged pieces, then receive buffers
+    nbytes: int
+    layouts: tuple[RankLayout, ...]
+
+
+@dataclass
+class _Job:
+    step: int
+    storage: Storage
+    root: str
+    entry: PlanEntry
+    arena: Arena
+    views: list[torch.Tensor]
+    rng: dict[str, Any]
+    objects: dict[str, Any]
+    coords_key: str
+    started: float
+    stall_s: float
+
+
+class Saver:
+    """Per-process save machinery: plan cache, staging pool, background worker."""
+
+    def __init__(self, config: Config, ctx: DistContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self._pool = ArenaPool(config.max_inflight_saves, config.staging_budget_bytes)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
+        self._plans: dict[tuple[str, ...], PlanEntry] = {}
+        self._pending: list[SaveHandle] = []
+        self._inflight_steps: set[int] = set()
+        self._lock = threading.Lock()
+        self._gcs: dict[str, BackgroundGC] = {}
+
+    # ------------------------------------------------------------------ caller's thread
+    def save(
+        self,
+        state: dict[str, Any],
+        step: int,
+        storage: Storage,
+        root: str,
+        layout: Layout | None,
+        blocking: bool,
+    ) -> SaveHandle:
+        """Stage ``state`` and hand it to the background worker (see module docstring)."""
+        t0 = time.perf_counter()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise InvalidKeyError(f"step must be a non-negative int, got {step!r}")
+        err: BaseException | None = None
+        lay: RankLayout | None = None
+        flat: FlatState | None = None
+        try:
+            flat = flatten_state(state)
+            lay = build_rank_layout(flat, layout, self.ctx.rank)
+            digest = lay.digest()
+        except CkptError as e:
+            err, digest = e, ""
+        gathered = self.ctx.all_gather((digest, describe(err) if err else None))
+        raise_if_failed(f"save of step {step} (layout)", [g[1] for g in gathered], err)
+        assert lay is not None and flat is not None
+        entry = self._plan(tuple(g[0] for g in gathered), lay, self.config.codec_for(root))
+
+        arena = self._pool.acquire(entry.nbytes)
+        try:
+            views = arena.views(entry.specs)
+            for sp, dst in zip(entry.rank_plan.staged, views):
+                dst.copy_(piece_view(local_tensor(flat.tensors[sp.key]), sp.piece))
+            rng = {k: capture_rng(flat.rng_object(k).include_cuda) for k in flat.rng_keys}
+            objects = json.loads(json.dumps(flat.objects))  # a snapshot, not live references
+        except BaseException:
+            self._pool.release(arena)
+            raise
+        stall = time.perf_counter() - t0
+        job = _Job(step, storage, root, entry, arena, views, rng, objects, lay.coords_key(), t0, stall)
+        with self._lock:
+            self._inflight_steps.add(step)
+        fut = self._worker.submit(self._persist, job)
+        handle = SaveHandle(step, fut, stall)
+        with self._lock:
+            self._pending = [h for h in self._pending if not h.done()] + [handle]
+        if blocking:
+            handle.wait()
+        return handle
+
+    def wait_all(self, timeout: float | None = None) -> list[SaveResult]:
+        """Wait for every pending save; raises the first error."""
+        with self._lock:
+            pending = list(self._pending)
+        results = [h.wait(timeout) for h in pending]
+        for gc in list(self._gcs.values()):
+            gc.drain(timeout)
+        return results
+
+    def close(self) -> None:
+        """Finish pending work and stop the worker threads."""
+        try:
+            self.wait_all()
+        finally:
+            self._worker.shutdown(wait=True)
+            for gc in self._gcs.values():
+                gc.close()
+
+    def _plan(self, digests: tuple[str, ...], lay: RankLayout, policy: CodecPolicy) -> PlanEntry:
+        key = (*digests, policy.codec, str(policy.level))
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached
+        raw = self.ctx.all_gather(layout_to_json(lay))
+        layouts = tuple(layout_from_json(o) for o in raw)
+        plan = build_save_plan(layouts, self.config.plan)
+        entry = _derive(plan, self.ctx.rank, layouts, self.config, policy)
+        self._plans = {key: entry}  # one layout at a time; a new layout replaces it
+        return entry
+
+    # ---------------------------------------------------------------- background thread
+    def _persist(self, job: _Job) -> SaveResult:
+        status: str | None = None
+        records: list[tuple[str, ChunkRecord]] = []
+        written = 0
+        local_exc: BaseException | None = None
+        try:
+            records, written = self._write(job)
+        except BaseException as e:  # reported to every rank below, raised in wait()
+            local_exc, status = e, describe(e)
+        finally:
+            self._pool.release(job.arena)
+        payload = {
+            "status": status,
+            "chunks": [[n, c.to_json()] for n, c in records],
+            "rng": job.rng,
+            "objects": job.objects,
+            "coords": job.coords_key,
+            "bytes": written,
+        }
+        try:
+            gathered = self.ctx.gather(payload)
+            outcome: dict[str, Any] = {"failures": {}}
+            if self.ctx.rank == 0:
+                assert gathered is not None
+                outcome = self._commit(job, gathered)
+            outcome = self.ctx.broadcast(outcome)
+        finally:
+            with self._lock:
+                self._inflight_steps.discard(job.step)
+        failures = {int(r): m for r, m in outcome["failures"].items()}
+        if failures:
+            statuses = [failures.get(r) for r in range(self.ctx.world)]
+            raise_if_failed(f"save of step {job.step}", statuses, local_exc)
+        return SaveResult(
+            job.step, job.root, int(outcome.get("bytes", written)), job.stall_s,
+            time.perf_counter() - job.started, True,
+        )
+
+    def _write(self, job: _Job) -> tuple[list[tuple[str, ChunkRecord]], int]:
+        entry, rp = job.entry, job.entry.rank_plan
+        staged = job.views[: len(rp.staged)]
+        received = job.views[len(rp.staged) :]
+        sends = [(t, transfer_payload(t, rp, staged)) for t in rp.sends]
+        self.ctx.exchange(sends, list(zip(rp.recvs, received)))
+        policy = self.config.codec_for(job.root)
+        writer = CheckpointWriter(job.storage, job.step, self.ctx.rank, policy, self.config.writer)
+        try:
+            for name in entry.meta_owned:
+                writer.write_array_metadata(entry.records[name])
+            for rec in entry.recipes:
+                trec = entry.records[rec.task.name]
+                writer.submit(trec, rec.task.index, assemble_chunk(rec, trec.dtype, staged, received))
+            records = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        return records, writer.bytes_written
+
+    def _commit(self, job: _Job, gathered: list[dict[str, Any]]) -> dict[str, Any]:
+        """Coordinator: write the manifest and the commit marker, or clean up."""
+        failures = {r: g["status"] for r, g in enumerate(gathered) if g["status"]}
+        total = sum(int(g["bytes"]) for g in gathered)
+        if not failures:
+            try:
+                manifest = _manifest(job, gathered)
+                data = group_metadata_bytes(manifest)
+                key = f"{commit_mod.step_dir(job.step)}/zarr.json"
+                job.storage.put(key, data)
+                commit_mod.commit(job.storage, job.step, {"manifest_crc32c": crc32c(data)})
+                total += len(data)
+            except BaseException as e:
+                failures[0] = describe(e)
+        if failures:
+            try:  # nothing partial stays behind; never touches a committed step
+                if not commit_mod.is_committed(job.storage, job.step):
+                    job.storage.delete_prefix(commit_mod.step_dir(job.step))
+            except Exception as e:  # leftovers are collected by retention later
+                log.warning("could not clean up failed step %d: %s", job.step, e)
+        else:
+            self._retention(job)
+        return {"failures": {str(r): m for r, m in failures.items()}, "bytes": total}
+
+    def _retention(self, job: _Job) -> None:
+        policy = self.config.retention
+        if policy is None:
+            return
+        gc = self._gcs.get(job.root)
+        if gc is None:
+            gc = self._gcs[job.root] = BackgroundGC(
+                job.storage, policy, in_progress=lambda: set(self._inflight_steps)
+            )
+        gc.submit()
+
+
+def _derive(
+    plan: SavePlan, rank: int, layouts: tuple[RankLayout, ...], config: Config, policy: CodecPolicy
+) -> PlanEntry:
+    rp = plan.for_rank(rank)
+    records = {}
+    for name, tp in plan.tensors.items():
+        packed = is_packed(tp.meta.shape, tp.meta.dtype, config.writer)
+        records[name] = TensorRecord(
+            name, tp.meta.dtype, tp.meta.shape, tp.grid.chunk_shape,
+            policy.codec, policy.level, packed, (),
+        )
+    zero = {name: tuple(0 for _ in tp.meta.shape) for name, tp in plan.tensors.items()}
+    meta_owned = tuple(
+        sorted(c.name for c in rp.chunks if c.index == zero[c.name] and not records[c.name].packed)
+    )
+    if rank == 0:  # arrays without any chunk (zero-size) still need their metadata
+        empty = [n for n, tp in plan.tensors.items() if tp.grid.n_chunks == 0 or tp.meta.numel == 0]
+        meta_owned = tuple(sorted(set(meta_owned) | {n for n in empty if not records[n].packed}))
+    metas = {n: tp.meta for n, tp in plan.tensors.items()}
+    specs = tuple(
+        [(metas[s.piece.name].dtype, s.piece.global_box.lengths) for s in rp.staged]
+        + [(metas[t.name].dtype, t.box.lengths) for t in rp.recvs]
+    )
+    return PlanEntry(plan, rp, chunk_recipes(rp), records, meta_owned, specs, arena_bytes(specs), layouts)
+
+
+def _manifest(job: _Job, gathered: list[dict[str, Any]]) -> Manifest:
+    entry = job.entry
+    chunks: dict[str, list[ChunkRecord]] = {n: [] for n in entry.records}
+    for g in gathered:
+        for name, c in g["chunks"]:
+            chunks[name].append(ChunkRecord.from_json(c))
+    tensors = {}
+    for name, rec in entry.records.items():
+        cs = tuple(sorted(chunks[name], key=lambda c: c.index))
+        # The codec actually used is the one of the saving config (same on every rank).
+        tensors[name] = TensorRecord(
+            rec.name, rec.dtype, rec.shape, rec.chunk_shape, rec.codec, rec.level, rec.packed, cs
+        )
+    rng = {g["coords"]: g["rng"] for g in gathered if g["rng"]}
+    state, per_rank = _split_objects(gathered)
+    layout = {
+        "world_size": len(gathered),
+        "coords": [g["coords"] for g in gathered],
+        "digest": _layouts_digest(entry.layouts),
+    }
+    return Manifest(step=job.step, tensors=tensors, layout=layout, rng=rng, state=state, per_rank_state=per_rank)
+
+
+def _split_objects(gathered: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """JSON leaves equal on every rank are stored once; others per rank coordinates."""
+    keys = sorted({k for g in gathered for k in g["objects"]})
+    state, per_rank = {}, {}
+    for k in keys:
+        vals = [g["objects"].get(k, _ABSENT) for g in gathered]
+        if all(v is not _ABSENT for v in vals) and len({json_dumps(v) for v in vals}) == 1:
+            state[k] = vals[0]
+        else:
+            per_rank[k] = {g["coords"]: v for g, v in zip(gathered, vals) if v is not _ABSENT}
+    return state, per_rank
+
+
+_ABSENT = object()
+
+
+def _layouts_digest(layouts: tuple[RankLayout, ...]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for lay in layouts:
+        h.update(lay.digest().encode())
+    return h.hexdigest()

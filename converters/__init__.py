@@ -1,0 +1,1 @@
+"""Reshard-spec language and checkpoint converters (``ckpt-convert``)."""

@@ -1,0 +1,1 @@
+"""The per-node ``ckptd`` sidecar: shared-memory snapshots, erasure coding, persistence."""

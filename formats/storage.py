@@ -1,0 +1,515 @@
+"""The storage layer: a small, synchronous, bytes-in/bytes-out key-value interface.
+
+Protocol (who calls what, in which order) for one checkpoint ``step-N``:
+
+1. Every rank, from thread pools, concurrently: :meth:`Storage.put` of its chunk
+   objects under ``step-N/``. Each ``put`` is atomic and durable on return.
+2. The coordinator, after every rank reported its puts complete: :meth:`Storage.put`
+   of the manifest (``step-N/zarr.json``).
+3. The coordinator: :meth:`Storage.put_if_absent` of the commit marker
+   ``step-N/COMMITTED`` (the single commit point), then :meth:`Storage.put` of
+   ``latest``. See :mod:`ckptd.formats.commit`.
+4. Retention (a background thread): :meth:`Storage.delete` of a marker, then
+   :meth:`Storage.delete_prefix` of the step's contents.
+
+Readers call :meth:`get`/:meth:`get_range` only on committed steps. Every method is
+thread-safe; ``put``, ``delete`` and ``delete_prefix`` are idempotent; keys are
+validated with :func:`~ckptd.formats.keys.validate_key` on every call.
+
+Capability flags pick the commit strategy instead of ``NotImplementedError``:
+``supports_atomic_rename`` (POSIX: temp file + fsync + rename + fsync dir) and
+``supports_conditional_put`` (``put_if_absent`` is atomic against other processes:
+``link(2)`` on POSIX, ``If-None-Match: *`` on S3).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import signal
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ckptd.formats.keys import validate_key, validate_prefix
+
+from ckptd.errors import CkptError, CommitConflictError, StorageError
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """The requested storage object does not exist."""
+
+
+class Storage(ABC):
+    """Abstract key-value storage rooted at :attr:`url` (see the module docstring).
+
+    Subclasses implement the ``_``-prefixed methods; the public methods validate keys
+    and are what callers use. Implementations must be thread-safe.
+    """
+
+    url: str
+    supports_atomic_rename: bool = False
+    supports_conditional_put: bool = False
+
+    def get(self, key: str) -> bytes:
+        """Return the whole object; raise :class:`ObjectNotFoundError` if it is missing."""
+        return self._get(validate_key(key))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Return bytes ``[start, end)`` of the object; a range past the end is truncated."""
+        if not 0 <= start <= end:
+            raise ValueError(f"invalid byte range [{start}, {end}) for key {key!r}")
+        return self._get_range(validate_key(key), start, end)
+
+    def put(self, key: str, data: Buffer) -> None:
+        """Atomically and durably write (or replace) an object.
+
+        Readers see the old object or the complete new one, never a partial one.
+        On return the bytes survive a crash (POSIX: file and directory fsync'd).
+        """
+        self._put(validate_key(key), data)
+
+    def put_if_absent(self, key: str, data: Buffer) -> None:
+        """Create an object only if absent; raise :class:`CommitConflictError` if it exists.
+
+        Used by the coordinator for commit markers. Atomic against other processes
+        when :attr:`supports_conditional_put` is true; the object is complete and
+        durable once visible.
+        """
+        self._put_if_absent(validate_key(key), data)
+
+    def exists(self, key: str) -> bool:
+        """Return whether an object (not merely a prefix) exists at ``key``."""
+        return self._exists(validate_key(key))
+
+    def size(self, key: str) -> int:
+        """Return the object's size in bytes; raise :class:`ObjectNotFoundError` if missing."""
+        return self._size(validate_key(key))
+
+    def delete(self, key: str, missing_ok: bool = True) -> None:
+        """Durably delete one object; a missing one is fine unless ``missing_ok`` is false."""
+        self._delete(validate_key(key), missing_ok)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object under ``prefix/`` (recursive); ``""`` empties the root."""
+        self._delete_prefix(validate_prefix(prefix))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Return all keys under ``prefix/`` (recursive), relative to the root, sorted."""
+        return sorted(self._list(validate_prefix(prefix)))
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Return the names of the immediate child directories of ``prefix``, sorted."""
+        return sorted(self._list_dirs(validate_prefix(prefix)))
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """Release clients and connections; the storage must not be used afterwards."""
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    @abstractmethod
+    def _get(self, key: str) -> bytes: ...
+    @abstractmethod
+    def _get_range(self, key: str, start: int, end: int) -> bytes: ...
+    @abstractmethod
+    def _put(self, key: str, data: Buffer) -> None: ...
+    @abstractmethod
+    def _put_if_absent(self, key: str, data: Buffer) -> None: ...
+    @abstractmethod
+    def _exists(self, key: str) -> bool: ...
+    @abstractmethod
+    def _size(self, key: str) -> int: ...
+    @abstractmethod
+    def _delete(self, key: str, missing_ok: bool) -> None: ...
+    @abstractmethod
+    def _delete_prefix(self, prefix: str) -> None: ...
+    @abstractmethod
+    def _list(self, prefix: str) -> list[str]: ...
+    @abstractmethod
+    def _list_dirs(self, prefix: str) -> list[str]: ...
+
+
+def as_bytes_view(data: Buffer) -> memoryview:
+    """A flat byte view of ``data`` without copying (typed arrays are cast to bytes)."""
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def conflict_error(key: str, url: str) -> CommitConflictError:
+    return CommitConflictError(
+        f"object {key!r} already exists in {url} (create-only put); was this step committed twice?"
+    )
+
+
+def not_found_error(key: str, url: str) -> ObjectNotFoundError:
+    return ObjectNotFoundError(f"no object {key!r} in {url}")
+
+
+# --------------------------------------------------------------------------- local
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStorage(Storage):
+    """A POSIX directory; every write is temp file + fsync + rename + fsync(dir)."""
+
+    supports_atomic_rename = True
+    supports_conditional_put = True  # link(2) fails atomically if the target exists
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Use directory ``path`` (created, durably, if missing) as the root."""
+        self.root = os.path.abspath(os.fspath(path))
+        self.url = "file://" + self.root
+        with self._mapped("create root", ""):
+            self._makedirs(self.root)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/")) if key else self.root
+
+    @contextmanager
+    def _mapped(self, op: str, key: str, missing: bool = False) -> Iterator[None]:
+        """Translate OSError into StorageError (ObjectNotFoundError if ``missing``)."""
+        try:
+            yield
+        except CkptError:
+            raise
+        except FileNotFoundError as exc:
+            if missing:
+                raise not_found_error(key, self.url) from exc
+            raise StorageError(exc.errno, f"{op} {key!r} in {self.url}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(exc.errno, f"{op} {key!r} in {self.url}: {exc}") from exc
+
+    def _makedirs(self, path: str) -> None:
+        """mkdir -p that fsyncs each new directory's parent, so the entry itself is durable."""
+        if os.path.isdir(path):
+            return
+        parent = os.path.dirname(path)
+        self._makedirs(parent)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            return  # another writer thread created it concurrently
+        _fsync_dir(parent)
+
+    def _write_temp(self, key: str, data: Buffer) -> tuple[str, str]:
+        """Write ``data`` to a fsync'd temp file next to ``key``; return (temp, final)."""
+        final = self._path(key)
+        parent, name = os.path.split(final)
+        self._makedirs(parent)
+        tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+        view = as_bytes_view(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            written = 0
+            while written < len(view):  # os.write may be short for > 2 GiB
+                written += os.write(fd, view[written:])
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp, final
+
+    def _get(self, key: str) -> bytes:
+        with self._mapped("get", key, missing=True), open(self._path(key), "rb") as f:
+            return f.read()
+
+    def _get_range(self, key: str, start: int, end: int) -> bytes:
+        with self._mapped("get_range", key, missing=True):
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return os.pread(fd, end - start, start)
+            finally:
+                os.close(fd)
+
+    def _put(self, key: str, data: Buffer) -> None:
+        with self._mapped("put", key):
+            tmp, final = self._write_temp(key, data)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            _fsync_dir(os.path.dirname(final))
+
+    def _put_if_absent(self, key: str, data: Buffer) -> None:
+        with self._mapped("put_if_absent", key):
+            tmp, final = self._write_temp(key, data)
+            try:
+                # The temp file is complete and fsync'd, so the marker is never partial.
+                os.link(tmp, final)
+            except FileExistsError:
+                raise conflict_error(key, self.url) from None
+            finally:
+                os.unlink(tmp)
+            _fsync_dir(os.path.dirname(final))
+
+    def _exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def _size(self, key: str) -> int:
+        path = self._path(key)
+        with self._mapped("size", key, missing=True):
+            if os.path.isdir(path):
+                raise FileNotFoundError(path)
+            return os.stat(path).st_size
+
+    def _delete(self, key: str, missing_ok: bool) -> None:
+        path = self._path(key)
+        try:
+            with self._mapped("delete", key, missing=True):
+                os.unlink(path)
+                _fsync_dir(os.path.dirname(path))
+        except ObjectNotFoundError:
+            if not missing_ok:
+                raise
+
+    def _delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        with self._mapped("delete_prefix", prefix):
+            if not prefix:  # keep the root itself
+                for entry in os.scandir(path):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=False)
+                    else:
+                        os.unlink(entry.path)
+                _fsync_dir(path)
+            elif os.path.isdir(path):
+                shutil.rmtree(path)
+                _fsync_dir(os.path.dirname(path))
+
+    def _list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        out = []
+        with self._mapped("list", prefix):
+            for dirpath, _dirs, files in os.walk(base):
+                rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+                rel = "" if rel == "." else rel + "/"
+                out += [rel + f for f in files if not _TEMP_NAME.match(f)]
+        return out
+
+    def _list_dirs(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not os.path.isdir(base):
+            return []
+        with self._mapped("list_dirs", prefix):
+            return [e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
+
+
+# -------------------------------------------------------------------------- memory
+
+
+class MemoryStorage(Storage):
+    """An in-process dict; for unit tests and the conformance suite."""
+
+    supports_atomic_rename = True
+    supports_conditional_put = True  # a lock makes put_if_absent atomic in-process
+
+    def __init__(self) -> None:
+        """Create an empty store."""
+        self.url = f"memory-dict://{uuid.uuid4().hex[:12]}"
+        self._objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, key: str) -> bytes:
+        with self._lock:
+            if key not in self._objects:
+                raise not_found_error(key, self.url)
+            return self._objects[key]
+
+    def _get_range(self, key: str, start: int, end: int) -> bytes:
+        return self._get(key)[start:end]
+
+    def _put(self, key: str, data: Buffer) -> None:
+        blob = bytes(as_bytes_view(data))  # copy outside the lock
+        with self._lock:
+            self._objects[key] = blob
+
+    def _put_if_absent(self, key: str, data: Buffer) -> None:
+        blob = bytes(as_bytes_view(data))
+        with self._lock:
+            if key in self._objects:
+                raise conflict_error(key, self.url)
+            self._objects[key] = blob
+
+    def _exists(self, key: str) -> bool:
+        with self._lock:
+            return key in self._objects
+
+    def _size(self, key: str) -> int:
+        return len(self._get(key))
+
+    def _delete(self, key: str, missing_ok: bool) -> None:
+        with self._lock:
+            if self._objects.pop(key, None) is None and not missing_ok:
+                raise not_found_error(key, self.url)
+
+    def _delete_prefix(self, prefix: str) -> None:
+        with self._lock:
+            for key in self._keys_under(prefix):
+                del self._objects[key]
+
+    def _keys_under(self, prefix: str) -> list[str]:
+        start = prefix + "/" if prefix else ""
+        return [k for k in self._objects if k.startswith(start)]
+
+    def _list(self, prefix: str) -> list[str]:
+        with self._lock:
+            return self._keys_under(prefix)
+
+    def _list_dirs(self, prefix: str) -> list[str]:
+        cut = len(prefix) + 1 if prefix else 0
+        with self._lock:
+            rests = [k[cut:] for k in self._keys_under(prefix)]
+        return list({r.split("/", 1)[0] for r in rests if "/" in r})
+
+
+def __getattr__(name: str) -> Any:
+    # FsspecStorage lives in its own module so that fsspec and botocore are imported
+    # only when a remote URL is opened; keep ``from ...storage import FsspecStorage``.
+    if name == "FsspecStorage":
+        from ckptd.formats.fsspec_storage import FsspecStorage
+
+        return FsspecStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_storage(url_or_path: str | os.PathLike[str], **options: Any) -> Storage:
+    """Open a plain path or ``file://`` URL as :class:`LocalStorage`, anything else with
+    :class:`FsspecStorage` (``options`` go to the filesystem, e.g. S3 ``endpoint_url``,
+    ``key``, ``secret``)."""
+    url = os.fspath(url_or_path)
+    if "://" not in url or url.startswith("file://"):
+        if options:
+            raise TypeError(f"local storage takes no options, got {sorted(options)}")
+        return LocalStorage(url.removeprefix("file://"))
+    from ckptd.formats.fsspec_storage import FsspecStorage
+
+    return FsspecStorage(url, **options)
+
+
+# ----------------------------------------------------------------- fault injection
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Which calls of a :class:`FaultyStorage` fail, and how.
+
+    ``op`` and ``key_glob`` are :func:`fnmatch.fnmatchcase` patterns over the method
+    name and the key (``*`` also matches ``/``). The first ``after`` matching calls
+    succeed; the next ``times`` matching calls (all of them if ``None``) raise ``error``
+    before touching the inner storage, or SIGKILL the process if ``kill`` is set (for
+    subprocess crash tests only).
+    """
+
+    op: str = "put"
+    key_glob: str = "*"
+    after: int = 0
+    error: BaseException = OSError("injected fault")  # noqa: RUF009 - never mutated
+    kill: bool = False
+    times: int | None = None
+
+    def matches(self, op: str, key: str) -> bool:
+        """Return whether a call of ``op`` on ``key`` is covered by this plan."""
+        return fnmatch.fnmatchcase(op, self.op) and fnmatch.fnmatchcase(key, self.key_glob)
+
+
+class FaultyStorage(Storage):
+    """Wraps a storage and injects the failures described by one or more FaultPlans.
+
+    ``injected`` records every ``(op, key)`` that failed, for assertions.
+    """
+
+    def __init__(self, inner: Storage, plan: FaultPlan | Sequence[FaultPlan]) -> None:
+        """Wrap ``inner``; ``plan`` is one FaultPlan or several (each counted separately)."""
+        self.inner = inner
+        self.plans = [plan] if isinstance(plan, FaultPlan) else list(plan)
+        self.url = inner.url
+        self.supports_atomic_rename = inner.supports_atomic_rename
+        self.supports_conditional_put = inner.supports_conditional_put
+        self.injected: list[tuple[str, str]] = []
+        self._seen = [0] * len(self.plans)
+        self._lock = threading.Lock()
+
+    def _check(self, op: str, key: str) -> None:
+        with self._lock:
+            for i, plan in enumerate(self.plans):
+                if not plan.matches(op, key):
+                    continue
+                self._seen[i] += 1
+                nth = self._seen[i] - plan.after  # 1-based index among failing calls
+                if nth >= 1 and (plan.times is None or nth <= plan.times):
+                    self.injected.append((op, key))
+                    if plan.kill:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    raise plan.error
+
+    def _get(self, key: str) -> bytes:
+        self._check("get", key)
+        return self.inner.get(key)
+
+    def _get_range(self, key: str, start: int, end: int) -> bytes:
+        self._check("get_range", key)
+        return self.inner.get_range(key, start, end)
+
+    def _put(self, key: str, data: Buffer) -> None:
+        self._check("put", key)
+        self.inner.put(key, data)
+
+    def _put_if_absent(self, key: str, data: Buffer) -> None:
+        self._check("put_if_absent", key)
+        self.inner.put_if_absent(key, data)
+
+    def _exists(self, key: str) -> bool:
+        self._check("exists", key)
+        return self.inner.exists(key)
+
+    def _size(self, key: str) -> int:
+        self._check("size", key)
+        return self.inner.size(key)
+
+    def _delete(self, key: str, missing_ok: bool) -> None:
+        self._check("delete", key)
+        self.inner.delete(key, missing_ok)
+
+    def _delete_prefix(self, prefix: str) -> None:
+        self._check("delete_prefix", prefix)
+        self.inner.delete_prefix(prefix)
+
+    def _list(self, prefix: str) -> list[str]:
+        self._check("list", prefix)
+        return self.inner.list(prefix)
+
+    def _list_dirs(self, prefix: str) -> list[str]:
+        self._check("list_dirs", prefix)
+        return self.inner.list_dirs(prefix)
+
+    def close(self) -> None:
+        """Close the wrapped storage."""
+        self.inner.close()

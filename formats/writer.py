@@ -1,0 +1,159 @@
+"""Writing one rank's chunks of a checkpoint: encode in parallel, put through the store.
+
+Bypasses zarr-python's array write path (measured 0.4-1.0 GB/s here) by encoding
+chunks itself and putting the encoded bytes straight into the store; what lands is
+still standard zarr v3 (array ``zarr.json`` + ``c/i/j`` chunk keys) that zarr-python
+reads back. Chunks of small tensors are appended to a per-rank *pack* object instead
+of becoming one tiny object each (see docs/format.md, "packs").
+
+Call order (one writer per rank per checkpoint): ``write_array_metadata`` for arrays
+this rank owns chunk 0 of, ``submit`` for every chunk, then ``finish`` once; ``finish``
+returns only after every put has returned (bytes durable) and raises the first error.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ckptd.dtypes import torch_dtype
+from ckptd.formats.chunkcodec import CodecPolicy, crc32c, encode
+from ckptd.formats.commit import step_dir
+from ckptd.formats.manifest import ChunkRecord, TensorRecord
+from ckptd.formats.storage import Storage
+from ckptd.formats.zarr_meta import array_metadata_bytes
+
+PACK_TARGET_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """Tunables of the chunk writer."""
+
+    workers: int = 4
+    small_tensor_bytes: int = 1 << 20  # tensors up to this size are packed
+    max_inflight_bytes: int = 512 << 20  # bound on chunks queued but not yet written
+
+
+def tensor_nbytes(rec: TensorRecord) -> int:
+    return math.prod(rec.shape) * torch_dtype(rec.dtype).itemsize
+
+
+def is_packed(shape: tuple[int, ...], dtype: str, options: WriterOptions) -> bool:
+    """Small tensors go into packs (whole tensor = one chunk, metadata in the manifest)."""
+    return math.prod(shape) * torch_dtype(dtype).itemsize <= options.small_tensor_bytes
+
+
+def chunk_bytes(chunk: torch.Tensor, chunk_shape: tuple[int, ...]) -> memoryview:
+    """Little-endian C-order bytes of a chunk, padded to the full chunk shape (zarr rule)."""
+    if tuple(chunk.shape) != tuple(chunk_shape):
+        full = torch.zeros(chunk_shape, dtype=chunk.dtype)
+        full[tuple(slice(0, n) for n in chunk.shape)].copy_(chunk)
+        chunk = full
+    flat = chunk.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class CheckpointWriter:
+    """Writes chunks of one checkpoint step for one rank (thread-safe ``submit``)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        step: int,
+        rank: int,
+        policy: CodecPolicy,
+        options: WriterOptions = WriterOptions(),
+    ) -> None:
+        self._storage = storage
+        self._prefix = step_dir(step) + "/"
+        self._rank = rank
+        self._policy = policy
+        self._options = options
+        self._pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="ckpt-write")
+        self._futures: list[Future[tuple[str, ChunkRecord]]] = []
+        self._lock = threading.Lock()
+        self._budget = threading.Condition(self._lock)
+        self._inflight = 0
+        self._pack = bytearray()
+        self._pack_members: list[tuple[str, tuple[int, ...], int, int, int]] = []
+        self._pack_seq = 0
+        self._records: list[tuple[str, ChunkRecord]] = []
+        self.bytes_written = 0
+
+    def write_array_metadata(self, rec: TensorRecord) -> None:
+        """Write ``<name>/zarr.json`` for an unpacked array (one rank per tensor)."""
+        self._storage.put(f"{self._prefix}{rec.name}/zarr.json", array_metadata_bytes(rec))
+
+    def submit(self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor) -> None:
+        """Queue one chunk (its data must stay valid until :meth:`finish` returns)."""
+        nbytes = chunk.numel() * chunk.element_size()
+        with self._budget:
+            while self._inflight and self._inflight + nbytes > self._options.max_inflight_bytes:
+                self._budget.wait()
+            self._inflight += nbytes
+        self._futures.append(self._pool.submit(self._write, rec, index, chunk, nbytes))
+
+    def _write(
+        self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor, nbytes: int
+    ) -> tuple[str, ChunkRecord] | None:
+        try:
+            raw = chunk_bytes(chunk, rec.chunk_shape)
+            data = encode(raw, rec.codec, self._policy)
+            crc = crc32c(data)
+            length = len(data)
+            if rec.packed:
+                self._append_to_pack(rec.name, index, data, crc)
+                return None
+            key = "/".join([rec.name, "c", *(str(i) for i in index)]) if index else f"{rec.name}/c"
+            self._storage.put(self._prefix + key, data)
+            with self._lock:
+                self.bytes_written += length
+            return rec.name, ChunkRecord(index, key, 0, length, crc)
+        finally:
+            with self._budget:
+                self._inflight -= nbytes
+                self._budget.notify_all()
+
+    def _append_to_pack(self, name: str, index: tuple[int, ...], data: bytes | memoryview, crc: int) -> None:
+        with self._lock:
+            off = len(self._pack)
+            self._pack += data
+            self._pack_members.append((name, index, off, len(data), crc))
+            full = len(self._pack) >= PACK_TARGET_BYTES
+        if full:
+            self._flush_pack()
+
+    def _flush_pack(self) -> None:
+        with self._lock:
+            if not self._pack_members:
+                return
+            data, members = bytes(self._pack), self._pack_members
+            key = f"packs/r{self._rank:05d}-{self._pack_seq:05d}.pack"
+            self._pack, self._pack_members = bytearray(), []
+            self._pack_seq += 1
+        self._storage.put(self._prefix + key, data)
+        with self._lock:
+            self.bytes_written += len(data)
+            for name, index, off, length, crc in members:
+                self._records.append((name, ChunkRecord(index, key, off, length, crc, packed=True)))
+
+    def finish(self) -> list[tuple[str, ChunkRecord]]:
+        """Wait for every chunk, flush packs; return ``(tensor name, record)`` pairs."""
+        try:
+            for f in self._futures:
+                res = f.result()
+                if res is not None:
+                    self._records.append(res)
+            self._flush_pack()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        return list(self._records)
+
+    def abort(self) -> None:
+        """Stop writing (after an error elsewhere); pending chunks are dropped."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
