@@ -65,7 +65,9 @@ def chunk_recipes(plan: RankSavePlan) -> tuple[ChunkRecipe, ...]:
         zero = (
             len(srcs) == 1
             and srcs[0].kind == "staged"
-            and is_contiguous_box(srcs[0].region, plan.staged[srcs[0].index].piece.global_box.lengths)
+            and is_contiguous_box(
+                srcs[0].region, plan.staged[srcs[0].index].piece.global_box.lengths
+            )
         )
         out.append(ChunkRecipe(task, tuple(srcs), zero))
     return tuple(out)
@@ -89,7 +91,9 @@ def assemble_chunk(
     return out
 
 
-def transfer_payload(t: Transfer, plan: RankSavePlan, staged: Sequence[torch.Tensor]) -> torch.Tensor:
+def transfer_payload(
+    t: Transfer, plan: RankSavePlan, staged: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """The contiguous region of a staged piece that ``t`` sends."""
     for i, s in enumerate(plan.staged):
         if s.piece.name == t.name:
@@ -105,9 +109,7 @@ def apply_copy(op: CopyOp, chunk: torch.Tensor, locals_: Mapping[str, torch.Tens
     dst.copy_(chunk[op.chunk_region.slices()])
 
 
-def apply_reads(
-    read: ChunkRead, chunk: torch.Tensor, locals_: Mapping[str, torch.Tensor]
-) -> None:
+def apply_reads(read: ChunkRead, chunk: torch.Tensor, locals_: Mapping[str, torch.Tensor]) -> None:
     """Scatter one decoded chunk into every local tensor that needs part of it."""
     for op in read.copies:
         apply_copy(op, chunk, locals_)

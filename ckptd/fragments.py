@@ -63,9 +63,9 @@ class Box:
         """The common box, or None if the boxes do not overlap (or one is empty)."""
         lo = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets))
         hi = tuple(min(a, b) for a, b in zip(self.ends, other.ends))
-        if any(h <= l for l, h in zip(lo, hi)):
+        if any(h <= lo_ for lo_, h in zip(lo, hi)):
             return None
-        return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
+        return Box(lo, tuple(h - lo_ for lo_, h in zip(lo, hi)))
 
     def shift(self, delta: Sequence[int], sign: int = 1) -> Box:
         """The same box translated by ``sign * delta``."""
@@ -85,7 +85,7 @@ class Box:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """A logical tensor: fully qualified name, dtype (torch name, e.g. ``float32``), global shape."""
+    """A logical tensor: qualified name, dtype (torch name, e.g. ``float32``), global shape."""
 
     name: str
     dtype: str
@@ -254,19 +254,19 @@ def _decompose(
     first, first_off = divmod(start, inner)
     last, last_off = divmod(stop, inner)
     if rest == 0:
-        out.append((base + start - origin, Box(prefix + (start,), (1,) * dim + (stop - start,))))
+        out.append((base + start - origin, Box((*prefix, start), (1,) * dim + (stop - start,))))
         return
     if first == last:
-        _decompose(shape, dim + 1, first_off, last_off, prefix + (first,), out, origin)
+        _decompose(shape, dim + 1, first_off, last_off, (*prefix, first), out, origin)
         return
     if first_off:
-        _decompose(shape, dim + 1, first_off, inner, prefix + (first,), out, origin)
+        _decompose(shape, dim + 1, first_off, inner, (*prefix, first), out, origin)
         first += 1
     if last > first:
         box = Box(prefix + (first,) + (0,) * rest, (1,) * dim + (last - first,) + shape[dim + 1 :])
         out.append((base + first * inner - origin, box))
     if last_off:
-        _decompose(shape, dim + 1, 0, last_off, prefix + (last,), out, origin)
+        _decompose(shape, dim + 1, 0, last_off, (*prefix, last), out, origin)
 
 
 def _flat_of(shape: Shape, prefix: Shape, dim: int) -> int:
@@ -314,9 +314,7 @@ def layout_from_json(obj: dict) -> RankLayout:
                 key=k,
                 local_shape=tuple(ls),
                 dtype=dt,
-                pieces=tuple(
-                    Piece(n, Box.from_json(g), Box.from_json(lb)) for n, g, lb in pieces
-                ),
+                pieces=tuple(Piece(n, Box.from_json(g), Box.from_json(lb)) for n, g, lb in pieces),
             )
             for k, ls, dt, pieces in obj["entries"]
         ),

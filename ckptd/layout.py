@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ckptd.dtypes import dtype_name
-from ckptd.errors import LayoutError
+from ckptd.errors import InvalidKeyError, LayoutError
 from ckptd.fragments import LocalEntry, RankLayout, TensorMeta
 from ckptd.placements import Block, Placement, Replicated
-from ckptd.statedict import FlatState
+from ckptd.statedict import FlatState, validate_state_key
 
 Rename = Callable[[str], str]
 
@@ -78,6 +78,14 @@ def build_rank_layout(flat: FlatState, layout: Layout | None, rank: int) -> Rank
         except LayoutError as e:
             raise LayoutError(f"state key {key!r}: {e}") from None
         for m in tmetas:
+            # A logical name (from a rename or a FlatParam) becomes a storage key segment:
+            # hold it to the state-key rules here, so an unsafe one fails before any write.
+            try:
+                validate_state_key(m.name)
+            except InvalidKeyError as e:
+                raise InvalidKeyError(
+                    f"state key {key!r} maps to an unsafe logical name: {e}"
+                ) from None
             if metas.setdefault(m.name, m) != m:
                 raise LayoutError(
                     f"state key {key!r}: logical tensor {m.name!r} declared as "

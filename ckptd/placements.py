@@ -182,9 +182,7 @@ class FlatShard(Placement):
     start: int
 
     @staticmethod
-    def pack(
-        params: Sequence[tuple[str, Sequence[int]]], start: int, align: int = 1
-    ) -> FlatShard:
+    def pack(params: Sequence[tuple[str, Sequence[int]]], start: int, align: int = 1) -> FlatShard:
         """Lay ``params`` out back to back, each starting at a multiple of ``align``."""
         out, off = [], 0
         for n, shape in params:

@@ -124,7 +124,9 @@ def merge_tensor_metas(layouts: Sequence[RankLayout]) -> dict[str, TensorMeta]:
     return metas
 
 
-def build_save_plan(layouts: Sequence[RankLayout], options: PlanOptions = PlanOptions()) -> SavePlan:
+def build_save_plan(
+    layouts: Sequence[RankLayout], options: PlanOptions = PlanOptions()
+) -> SavePlan:
     """Plan a save from every rank's layout: writers, chunk grids, transfers, chunk tasks.
 
     Raises :class:`LayoutError`/:class:`ReshardError` before any byte moves if a layout is
@@ -298,9 +300,7 @@ class LoadPlan:
 
     def nbytes(self, stored: Mapping[str, StoredTensor]) -> int:
         """Bytes of decoded chunk data this plan touches."""
-        return sum(
-            r.box.numel * itemsize_of(stored[r.name].meta.dtype) for r in self.reads
-        )
+        return sum(r.box.numel * itemsize_of(stored[r.name].meta.dtype) for r in self.reads)
 
 
 def build_load_plan(

@@ -35,7 +35,9 @@ def capture_rng(include_cuda: bool = True) -> dict[str, Any]:
         "torch": _b64(torch.get_rng_state()),
         "numpy": {
             "kind": str(np_state[0]),
-            "keys": _b64(torch.from_numpy(np.asarray(np_state[1], dtype=np.uint32)).view(torch.uint8)),
+            "keys": _b64(
+                torch.from_numpy(np.asarray(np_state[1], dtype=np.uint32)).view(torch.uint8)
+            ),
             "pos": int(np_state[2]),
             "has_gauss": int(np_state[3]),
             "cached_gaussian": float(np_state[4]),

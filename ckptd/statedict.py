@@ -104,10 +104,9 @@ def _leaf(
         _walk(sd, key + ".", flat, modules)
         flat._finalizers.append(lambda obj=v, sd=sd: obj.load_state_dict(sd))
     elif isinstance(v, dict):
-        if _is_json(v):
-            _json_leaf(container, k, v, key, flat)
-        else:
-            _walk(v, key + ".", flat, modules)
+        # Recurse even into JSON-only dicts: leaves are then written back into the
+        # user's own dict on load, so references the trainer holds stay live.
+        _walk(v, key + ".", flat, modules)
     elif isinstance(v, (list, tuple)):
         if _is_json(v):
             _json_leaf(container, k, v, key, flat)

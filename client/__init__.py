@@ -1,9 +1,9 @@
 """ckpt: checkpoint and resume distributed PyTorch training under any layout.
 
-    import ckpt
-    h = ckpt.save(state, step=1200, root="s3://bucket/run-7", blocking=False)
-    h.wait()
-    ckpt.load(state, root="s3://bucket/run-7")
+import ckpt
+h = ckpt.save(state, step=1200, root="s3://bucket/run-7", blocking=False)
+h.wait()
+ckpt.load(state, root="s3://bucket/run-7")
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 from ckpt.config import Config, ConfigError, from_env
 from ckpt.dist import context
 from ckpt.load import LoadResult, MergeRule, load_state
-from ckpt.save import Saver, SaveHandle, SaveResult
+from ckpt.save import SaveHandle, Saver, SaveResult
 from ckptd.formats.storage import Storage, open_storage
 from ckptd.layout import Layout
 
@@ -31,8 +31,8 @@ def configure(config: Config | None = None, **changes: Any) -> Config:
     global _config, _saver
     with _lock:
         if _saver is not None:
-            _saver.close()
-            _saver = None
+            old, _saver = _saver, None  # as in _get_saver: never keep a closed saver
+            old.close()
         base = config or _config
         try:
             _config = replace(base, **changes)
@@ -100,12 +100,14 @@ def shutdown() -> None:
     """Finish pending saves and release threads, staging memory and storage handles."""
     global _saver
     with _lock:
-        if _saver is not None:
-            _saver.close()
-            _saver = None
-        for st in _storages.values():
-            st.close()
-        _storages.clear()
+        try:
+            if _saver is not None:
+                old, _saver = _saver, None  # as in _get_saver: never keep a closed saver
+                old.close()
+        finally:
+            for st in _storages.values():
+                st.close()
+            _storages.clear()
 
 
 def _get_saver() -> Saver:
@@ -114,7 +116,10 @@ def _get_saver() -> Saver:
         ctx = context(_config.collective_timeout_s)
         if _saver is None or _saver.ctx is not ctx:
             if _saver is not None:
-                _saver.close()
+                # Forget the old saver before closing it: close() re-raises a pending
+                # save's error, which must not leave a closed saver installed.
+                old, _saver = _saver, None
+                old.close()
             _saver = Saver(_config, ctx)
         return _saver
 

@@ -33,7 +33,9 @@ class Config:
     codec: CodecPolicy = field(default_factory=CodecPolicy)
     remote_codec: CodecPolicy = field(default_factory=lambda: CodecPolicy(min_ratio=1.05))
     plan: PlanOptions = field(
-        default_factory=lambda: PlanOptions(DEFAULT_TARGET_CHUNK_BYTES, DEFAULT_MIN_ALIGNED_CHUNK_BYTES)
+        default_factory=lambda: PlanOptions(
+            DEFAULT_TARGET_CHUNK_BYTES, DEFAULT_MIN_ALIGNED_CHUNK_BYTES
+        )
     )
     retention: RetentionPolicy | None = field(default_factory=lambda: RetentionPolicy(keep_last=3))
     collective_timeout_s: float = 600.0
@@ -74,7 +76,9 @@ def from_env(base: Config | None = None, env: dict[str, str] | None = None) -> C
         try:
             changes["writer"] = replace(cfg.writer, workers=int(env["CKPT_WRITE_WORKERS"]))
         except ValueError:
-            raise ConfigError(f"CKPT_WRITE_WORKERS={env['CKPT_WRITE_WORKERS']!r} is not an integer") from None
+            raise ConfigError(
+                f"CKPT_WRITE_WORKERS={env['CKPT_WRITE_WORKERS']!r} is not an integer"
+            ) from None
     if "CKPT_CODEC" in env:
         try:
             changes["codec"] = replace(cfg.codec, codec=env["CKPT_CODEC"])

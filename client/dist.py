@@ -62,24 +62,35 @@ class DistContext:
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.bg_group if background else self.plan_group)
+        dist.broadcast_object_list(
+            box, src=src, group=self.bg_group if background else self.plan_group
+        )
         return box[0]
 
-    def exchange(self, sends: Sequence[tuple[Transfer, torch.Tensor]], recvs: Sequence[tuple[Transfer, torch.Tensor]]) -> None:
+    def exchange(
+        self,
+        sends: Sequence[tuple[Transfer, torch.Tensor]],
+        recvs: Sequence[tuple[Transfer, torch.Tensor]],
+    ) -> None:
         """Point-to-point transfers of boundary regions on the background group."""
         if not (sends or recvs):
             return
         reqs = []
         for t, buf in recvs:
-            reqs.append(dist.irecv(buf.reshape(-1).view(torch.uint8), src=t.src, group=self.bg_group))
+            reqs.append(
+                dist.irecv(buf.reshape(-1).view(torch.uint8), src=t.src, group=self.bg_group)
+            )
         for t, buf in sends:
-            reqs.append(dist.isend(buf.reshape(-1).view(torch.uint8), dst=t.dst, group=self.bg_group))
+            reqs.append(
+                dist.isend(buf.reshape(-1).view(torch.uint8), dst=t.dst, group=self.bg_group)
+            )
         for r in reqs:
             r.wait()
 
 
 _lock = threading.Lock()
 _cached: DistContext | None = None
+_LOCAL = DistContext(0, 1)  # the context of every non-distributed call
 
 
 def context(timeout_s: float) -> DistContext:
@@ -87,7 +98,10 @@ def context(timeout_s: float) -> DistContext:
     global _cached
     with _lock:
         if not (dist.is_available() and dist.is_initialized()):
-            return DistContext(0, 1)
+            # One shared object: api._get_saver compares contexts by identity, and a fresh
+            # DistContext per call made it close and rebuild the Saver on every save
+            # (serializing async saves and re-raising an old save's error forever).
+            return _LOCAL
         rank, world = dist.get_rank(), dist.get_world_size()
         if _cached is not None and _cached.world == world and _cached.rank == rank:
             return _cached

@@ -72,19 +72,30 @@ def load_state(
     stored = reader.stored_tensors()
     plan = build_load_plan(lay, stored)
     man = reader.manifest
-    missing = set(plan.missing) | {k for k in flat.objects if k not in man.state and k not in man.per_rank_state}
+    missing = set(plan.missing) | {
+        k for k in flat.objects if k not in man.state and k not in man.per_rank_state
+    }
     unexpected = _global_unexpected(man, lay, flat, ctx)
     if strict and (missing or unexpected):
         raise MissingKeysError(sorted(missing), sorted(unexpected))
     if missing or unexpected:
-        log.warning("load of step %d: %d missing key(s), %d unexpected", reader.step, len(missing), len(unexpected))
+        log.warning(
+            "load of step %d: %d missing key(s), %d unexpected",
+            reader.step,
+            len(missing),
+            len(unexpected),
+        )
     objects = _resolve_objects(flat, man, lay.coords_key(), ctx, merge or {})
     reader.check_objects(plan.reads)  # a missing object fails here, before any tensor is touched
 
     locals_ = {e.key: local_tensor(flat.tensors[e.key]) for e in lay.entries}
     nbytes = 0
-    with torch.no_grad(), ThreadPoolExecutor(config.read_workers, thread_name_prefix="ckpt-read") as pool:
-        def work(r):  # noqa: ANN001, ANN202 - local closure
+    with (
+        torch.no_grad(),
+        ThreadPoolExecutor(config.read_workers, thread_name_prefix="ckpt-read") as pool,
+    ):
+
+        def work(r):
             chunk = reader.read_chunk(r.name, r.index, r.box)
             apply_reads(r, chunk, locals_)
             return chunk.numel() * chunk.element_size()
@@ -95,7 +106,13 @@ def load_state(
         flat.set_object(k, v)
     _restore_rng(flat, man, lay.coords_key(), ctx)
     flat.finalize()
-    return LoadResult(reader.step, tuple(sorted(missing)), tuple(sorted(unexpected)), nbytes, time.perf_counter() - t0)
+    return LoadResult(
+        reader.step,
+        tuple(sorted(missing)),
+        tuple(sorted(unexpected)),
+        nbytes,
+        time.perf_counter() - t0,
+    )
 
 
 def _global_unexpected(man: Manifest, lay: Any, flat: FlatState, ctx: DistContext) -> set[str]:
@@ -113,7 +130,11 @@ def _same_layout(man: Manifest, coords_key: str, ctx: DistContext) -> bool:
 
 
 def _resolve_objects(
-    flat: FlatState, man: Manifest, coords_key: str, ctx: DistContext, merge: Mapping[str, MergeRule]
+    flat: FlatState,
+    man: Manifest,
+    coords_key: str,
+    ctx: DistContext,
+    merge: Mapping[str, MergeRule],
 ) -> dict[str, Any]:
     out = {}
     same = _same_layout(man, coords_key, ctx)
@@ -148,7 +169,9 @@ def _rule_for(key: str, merge: Mapping[str, MergeRule]) -> Callable[[list[Any]],
         return None
     if isinstance(rule, str):
         if rule not in _MERGES:
-            raise StateMergeError(f"unknown merge rule {rule!r} for {key!r}; use one of {sorted(_MERGES)}")
+            raise StateMergeError(
+                f"unknown merge rule {rule!r} for {key!r}; use one of {sorted(_MERGES)}"
+            )
         return _MERGES[rule]
     return rule
 
@@ -159,12 +182,12 @@ def _restore_rng(flat: FlatState, man: Manifest, coords_key: str, ctx: DistConte
     order = [c for c in man.layout.get("coords", []) if c in man.rng] or sorted(man.rng)
     source, exact = pick_rng_source(coords_key, ctx.rank, man.rng, order)
     if not (exact and _same_layout(man, coords_key, ctx)):
-        if not exact:
-            warnings.warn(
-                f"layout changed: rank {ctx.rank} ({coords_key}) restores the RNG state saved by "
-                f"{source} (rule: saved rank = rank % saved world size)",
-                stacklevel=3,
-            )
+        rule = "same coordinates" if exact else "saved rank = rank % saved world size"
+        warnings.warn(
+            f"layout changed: rank {ctx.rank} ({coords_key}) restores the RNG state saved by "
+            f"{source} (rule: {rule}); random streams will not match an uninterrupted run",
+            stacklevel=3,
+        )
     for k in flat.rng_keys:
         states = man.rng[source]
         if k in states:

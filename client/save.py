@@ -22,7 +22,7 @@ import torch
 from ckpt.config import Config
 from ckpt.dist import DistContext, describe, raise_if_failed
 from ckpt.staging import Arena, ArenaPool, arena_bytes
-from ckptd.errors import CkptError, InvalidKeyError
+from ckptd.errors import CkptError, CommitConflictError, InvalidKeyError
 from ckptd.execute import ChunkRecipe, assemble_chunk, chunk_recipes, piece_view, transfer_payload
 from ckptd.formats import commit as commit_mod
 from ckptd.formats.chunkcodec import CodecPolicy, crc32c
@@ -58,10 +58,15 @@ class SaveHandle:
         self.step = step
         self.stall_s = stall_s
         self._future = future
+        self.error_raised = False  # wait() already raised this save's error to a caller
 
     def wait(self, timeout: float | None = None) -> SaveResult:
         """Block until the checkpoint is committed (or failed: the error is raised here)."""
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        except BaseException:
+            self.error_raised = self._future.done()  # not on a wait() timeout
+            raise
 
     def done(self) -> bool:
         return self._future.done()
@@ -149,7 +154,9 @@ class Saver:
             self._pool.release(arena)
             raise
         stall = time.perf_counter() - t0
-        job = _Job(step, storage, root, entry, arena, views, rng, objects, lay.coords_key(), t0, stall)
+        job = _Job(
+            step, storage, root, entry, arena, views, rng, objects, lay.coords_key(), t0, stall
+        )
         with self._lock:
             self._inflight_steps.add(step)
         fut = self._worker.submit(self._persist, job)
@@ -164,7 +171,9 @@ class Saver:
         """Wait for every pending save; raises the first error."""
         with self._lock:
             pending = list(self._pending)
-        results = [h.wait(timeout) for h in pending]
+        # A failed save whose error a caller already got (a blocking save, or h.wait())
+        # is not raised a second time by ckpt.wait()/shutdown().
+        results = [h.wait(timeout) for h in pending if not h.error_raised]
         for gc in list(self._gcs.values()):
             gc.drain(timeout)
         return results
@@ -225,8 +234,12 @@ class Saver:
             statuses = [failures.get(r) for r in range(self.ctx.world)]
             raise_if_failed(f"save of step {job.step}", statuses, local_exc)
         return SaveResult(
-            job.step, job.root, int(outcome.get("bytes", written)), job.stall_s,
-            time.perf_counter() - job.started, True,
+            job.step,
+            job.root,
+            int(outcome.get("bytes", written)),
+            job.stall_s,
+            time.perf_counter() - job.started,
+            True,
         )
 
     def _write(self, job: _Job) -> tuple[list[tuple[str, ChunkRecord]], int]:
@@ -235,6 +248,14 @@ class Saver:
         received = job.views[len(rp.staged) :]
         sends = [(t, transfer_payload(t, rp, staged)) for t in rp.sends]
         self.ctx.exchange(sends, list(zip(rp.recvs, received)))
+        # Every rank, before its first byte: never overwrite a committed step (its chunks
+        # and manifest would no longer match its marker). After the exchange, so that no
+        # peer is left waiting; every rank sees the same marker and fails alike.
+        if commit_mod.is_committed(job.storage, job.step):
+            raise CommitConflictError(
+                f"step {job.step} is already committed in {job.storage.url}; a committed "
+                "checkpoint is never overwritten: save under a new step, or delete it first"
+            )
         policy = self.config.codec_for(job.root)
         writer = CheckpointWriter(job.storage, job.step, self.ctx.rank, policy, self.config.writer)
         try:
@@ -242,7 +263,9 @@ class Saver:
                 writer.write_array_metadata(entry.records[name])
             for rec in entry.recipes:
                 trec = entry.records[rec.task.name]
-                writer.submit(trec, rec.task.index, assemble_chunk(rec, trec.dtype, staged, received))
+                writer.submit(
+                    trec, rec.task.index, assemble_chunk(rec, trec.dtype, staged, received)
+                )
             records = writer.finish()
         except BaseException:
             writer.abort()
@@ -293,8 +316,14 @@ def _derive(
     for name, tp in plan.tensors.items():
         packed = is_packed(tp.meta.shape, tp.meta.dtype, config.writer)
         records[name] = TensorRecord(
-            name, tp.meta.dtype, tp.meta.shape, tp.grid.chunk_shape,
-            policy.codec, policy.level, packed, (),
+            name,
+            tp.meta.dtype,
+            tp.meta.shape,
+            tp.grid.chunk_shape,
+            policy.codec,
+            policy.level,
+            packed,
+            (),
         )
     zero = {name: tuple(0 for _ in tp.meta.shape) for name, tp in plan.tensors.items()}
     meta_owned = tuple(
@@ -308,7 +337,9 @@ def _derive(
         [(metas[s.piece.name].dtype, s.piece.global_box.lengths) for s in rp.staged]
         + [(metas[t.name].dtype, t.box.lengths) for t in rp.recvs]
     )
-    return PlanEntry(plan, rp, chunk_recipes(rp), records, meta_owned, specs, arena_bytes(specs), layouts)
+    return PlanEntry(
+        plan, rp, chunk_recipes(rp), records, meta_owned, specs, arena_bytes(specs), layouts
+    )
 
 
 def _manifest(job: _Job, gathered: list[dict[str, Any]]) -> Manifest:
@@ -331,10 +362,14 @@ def _manifest(job: _Job, gathered: list[dict[str, Any]]) -> Manifest:
         "coords": [g["coords"] for g in gathered],
         "digest": _layouts_digest(entry.layouts),
     }
-    return Manifest(step=job.step, tensors=tensors, layout=layout, rng=rng, state=state, per_rank_state=per_rank)
+    return Manifest(
+        step=job.step, tensors=tensors, layout=layout, rng=rng, state=state, per_rank_state=per_rank
+    )
 
 
-def _split_objects(gathered: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _split_objects(
+    gathered: list[dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """JSON leaves equal on every rank are stored once; others per rank coordinates."""
     keys = sorted({k for g in gathered for k in g["objects"]})
     state, per_rank = {}, {}

@@ -39,7 +39,9 @@ class ChunkRecord:
     @staticmethod
     def from_json(obj: list[Any]) -> ChunkRecord:
         idx, objkey, off, length, crc, packed = obj
-        return ChunkRecord(tuple(int(i) for i in idx), str(objkey), int(off), int(length), int(crc), bool(packed))
+        return ChunkRecord(
+            tuple(int(i) for i in idx), str(objkey), int(off), int(length), int(crc), bool(packed)
+        )
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,14 @@ class LocalStorage(Storage):
         with self._mapped("get_range", key, missing=True):
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                return os.pread(fd, end - start, start)
+                parts = []
+                while start < end:  # pread returns at most ~2 GiB per call
+                    part = os.pread(fd, end - start, start)
+                    if not part:
+                        break
+                    parts.append(part)
+                    start += len(part)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             finally:
                 os.close(fd)
 

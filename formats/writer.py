@@ -119,7 +119,9 @@ class CheckpointWriter:
                 self._inflight -= nbytes
                 self._budget.notify_all()
 
-    def _append_to_pack(self, name: str, index: tuple[int, ...], data: bytes | memoryview, crc: int) -> None:
+    def _append_to_pack(
+        self, name: str, index: tuple[int, ...], data: bytes | memoryview, crc: int
+    ) -> None:
         with self._lock:
             off = len(self._pack)
             self._pack += data

@@ -81,3 +81,64 @@ def s3_storage_factory(s3_server: str, s3_bucket: Callable[[], str]) -> Iterator
     yield make
     for storage in opened:
         storage.close()
+
+
+@pytest.fixture
+def s3_options(s3_server: str) -> dict[str, str]:
+    """``storage_options`` for ``ckpt.save/load`` against the loopback S3 server."""
+    return {"endpoint_url": s3_server, **S3_CREDENTIALS}
+
+
+# ------------------------------------------------------------- ckpt client state
+
+
+@pytest.fixture
+def ckpt_client() -> Iterator[object]:
+    """The ``ckpt`` module with its process state isolated for one test.
+
+    Saves the configuration, and on teardown waits for pending saves, drops cached
+    storage handles (``ckpt.shutdown``) and restores the configuration, so a test may
+    call ``ckpt.configure(...)`` freely.
+    """
+    import ckpt
+
+    saved = ckpt.get_config()
+    ckpt.shutdown()
+    try:
+        yield ckpt
+    finally:
+        try:
+            ckpt.shutdown()
+        finally:
+            ckpt.configure(saved)
+
+
+@pytest.fixture
+def inject_faults(monkeypatch: pytest.MonkeyPatch, ckpt_client: object) -> Callable:
+    """Returns ``install(plan | [plans]) -> list[FaultyStorage]``.
+
+    After ``install``, every storage that ``ckpt.save``/``ckpt.load`` open is wrapped in
+    a :class:`~ckptd.formats.storage.FaultyStorage` with those plans (one wrapper per
+    root, so calls are counted across saves); the returned list fills with the wrappers
+    as they are created, for assertions on ``.injected``. Undone after the test.
+    """
+    import ckpt.api
+    from ckptd.formats.storage import FaultPlan, FaultyStorage
+
+    def install(plan: FaultPlan | list[FaultPlan]) -> list[FaultyStorage]:
+        original = ckpt.api._storage
+        wrappers: dict[int, FaultyStorage] = {}
+        created: list[FaultyStorage] = []
+
+        def faulty(root: str, options: object) -> FaultyStorage:
+            inner = original(root, options)
+            w = wrappers.get(id(inner))
+            if w is None:
+                w = wrappers[id(inner)] = FaultyStorage(inner, plan)
+                created.append(w)
+            return w
+
+        monkeypatch.setattr(ckpt.api, "_storage", faulty)
+        return created
+
+    return install

@@ -15,7 +15,9 @@ from ckptd.fragments import RankLayout
 from ckptd.planner import StoredTensor, build_load_plan, build_save_plan
 
 
-def make_locals(lay: RankLayout, globals_: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+def make_locals(
+    lay: RankLayout, globals_: dict[str, torch.Tensor], seed: int
+) -> dict[str, torch.Tensor]:
     """Local tensors of ``lay`` filled from the global tensors (garbage where uncovered)."""
     g = torch.Generator().manual_seed(seed)
     out = {}

@@ -13,13 +13,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from planning_sim import make_locals, simulate_load, simulate_save
 
 from ckptd.errors import ReshardError
 from ckptd.fragments import LocalEntry, RankLayout, TensorMeta
 from ckptd.layout import LayerOffset
 from ckptd.placements import FlatShard, Fused, Replicated, Split
-
-from planning_sim import make_locals, simulate_load, simulate_save
 
 KINDS = ["replicate", "split", "pad", "fused", "zero", "pp"]
 
@@ -34,7 +33,7 @@ def build_layout(model: dict[str, tuple[int, ...]], kind: str, world: int, dim: 
     for r in range(world):
         metas, entries = {}, []
 
-        def add(key, local_shape, placement, name=None):
+        def add(key, local_shape, placement, name=None, metas=metas, entries=entries):
             ms, ps = placement.resolve(name or key, tuple(local_shape), "float32")
             for m in ms:
                 metas[m.name] = m
@@ -57,9 +56,11 @@ def build_layout(model: dict[str, tuple[int, ...]], kind: str, world: int, dim: 
                 first = stages.index(r)
                 local_key = f"layers.{layer - first}.w"
                 add(local_key, shape, Replicated(), name=LayerOffset(first)(local_key))
-            elif kind == "replicate" or not shape:
-                add(n, shape, Replicated())
-            elif kind in ("split", "fused") and shape[0] % world and kind == "fused":
+            elif (
+                kind == "replicate"
+                or not shape
+                or (kind in ("split", "fused") and shape[0] % world and kind == "fused")
+            ):
                 add(n, shape, Replicated())
             elif kind == "split":
                 step = -(-shape[d] // world)
@@ -94,7 +95,9 @@ def models(draw):
 
 def globals_for(model, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g) if math.prod(s) else torch.empty(s) for n, s in model.items()}
+    return {
+        n: torch.randn(s, generator=g) if math.prod(s) else torch.empty(s) for n, s in model.items()
+    }
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,7 +112,9 @@ def globals_for(model, seed=0):
     align=st.sampled_from([1, 4]),
     target=st.sampled_from([4, 16, 64, 1 << 20]),
 )
-def test_save_a_load_b_identical(model, kind_a, kind_b, world_a, world_b, dim_a, dim_b, align, target):
+def test_save_a_load_b_identical(
+    model, kind_a, kind_b, world_a, world_b, dim_a, dim_b, align, target
+):
     glob = globals_for(model)
     lay_a = build_layout(model, kind_a, world_a, dim_a, align)
     lay_b = build_layout(model, kind_b, world_b, dim_b, align)
@@ -178,7 +183,17 @@ def test_overlapping_non_identical_pieces_rejected():
     from ckptd.placements import Block
 
     metas = (TensorMeta("w", "float32", (4,)),)
-    r0 = RankLayout(0, (), metas, (LocalEntry("w", (3,), "float32", Block((4,), (0,)).resolve("w", (3,), "float32")[1]),))
-    r1 = RankLayout(1, (), metas, (LocalEntry("w", (3,), "float32", Block((4,), (1,)).resolve("w", (3,), "float32")[1]),))
+    r0 = RankLayout(
+        0,
+        (),
+        metas,
+        (LocalEntry("w", (3,), "float32", Block((4,), (0,)).resolve("w", (3,), "float32")[1]),),
+    )
+    r1 = RankLayout(
+        1,
+        (),
+        metas,
+        (LocalEntry("w", (3,), "float32", Block((4,), (1,)).resolve("w", (3,), "float32")[1]),),
+    )
     with pytest.raises(ReshardError, match="overlap"):
         simulate_save([r0, r1], [{"w": torch.zeros(3)}, {"w": torch.zeros(3)}])
