@@ -166,16 +166,26 @@ def fsync_tree(path: Path) -> None:
         return
     dirs = [Path(d) for d, _, _ in os.walk(path)] if path.is_dir() else [path.parent]
     for p in files(path) + dirs:
-        fd = os.open(p, os.O_RDONLY)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:  # removed meanwhile (e.g. by the library's retention)
+            continue
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def du(path: Path) -> int:
-    """Allocated bytes under ``path`` (like ``du -s --block-size=1``)."""
-    return sum(p.stat().st_blocks * 512 for p in files(path))
+def du(path: Path, newer_than: float = 0.0) -> int:
+    """Allocated bytes of files under ``path`` (like ``du``), only those modified after a time."""
+    total = 0
+    for p in files(path):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        total += st.st_blocks * 512 if st.st_mtime >= newer_than else 0
+    return total
 
 
 def resident_bytes(path: Path) -> int | None:
@@ -227,8 +237,8 @@ def save_loop(builder: StateBuilder, workdir: Path, save: SaveFn, shared_root: b
     first: dict[str, float] = {}
     for i in range(CFG.warmup + CFG.repeats):
         root = workdir / ("out" if shared_root else f"out{i}")
-        before = du(root)
         os.sync()
+        wall0 = time.time() - 0.05  # coarse fs timestamps
         t0 = time.perf_counter()
         waiter = save(state, root, i)
         t1 = time.perf_counter()
@@ -242,7 +252,7 @@ def save_loop(builder: StateBuilder, workdir: Path, save: SaveFn, shared_root: b
         else:
             stalls.append(t1 - t0)
             totals.append(t2 - t0)
-            stored.append(du(root) - before)
+            stored.append(du(root, newer_than=wall0))
         if not shared_root:
             shutil.rmtree(root, ignore_errors=True)
         mutate(state)
@@ -272,10 +282,17 @@ def load_loop(builder: StateBuilder, workdir: Path, load: Callable[[State, Path]
             "state_bytes": state_nbytes(state)}  # fmt: skip
 
 
-def prepared_by(save: Callable[[State, Path], None]) -> PrepareFn:
-    """Build a PREPARE step: save seed-0 state to ``workdir/prepared``, fsync, fingerprint."""
+def prepared_by(
+    save: Callable[[State, Path], None], requires: Callable[[], Any] | None = None
+) -> PrepareFn:
+    """Build a PREPARE step: save seed-0 state to ``workdir/prepared``, fsync, fingerprint.
+
+    ``requires`` runs first (before the state is built) and may raise SkipCase.
+    """
 
     def prep(builder: StateBuilder, workdir: Path) -> None:
+        if requires is not None:
+            requires()
         state = builder(0)
         save(state, workdir / "prepared")
         fsync_tree(workdir / "prepared")
@@ -452,7 +469,7 @@ def _ckpt_save_prepared(state: State, out: Path) -> None:
     _ckpt().save(state, step=0, root=str(out), blocking=True)
 
 
-@register("ckpt.load", prepare=prepared_by(_ckpt_save_prepared))
+@register("ckpt.load", prepare=prepared_by(_ckpt_save_prepared, requires=_ckpt))
 def case_ckpt_load(builder: StateBuilder, workdir: Path) -> Metrics:
     """``ckpt.load(state, root, step=0)`` in place."""
     ckpt = _ckpt()

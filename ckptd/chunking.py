@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import reduce
 
-from ckptd.fragments import Box, Shape
+from ckptd.fragments import Box, Shape, _box
 
 DEFAULT_TARGET_CHUNK_BYTES = 32 << 20
 DEFAULT_MIN_ALIGNED_CHUNK_BYTES = 1 << 20
@@ -39,7 +39,7 @@ class ChunkGrid:
         """The box of the tensor that chunk ``index`` covers (clipped at the edges)."""
         offs = tuple(i * c for i, c in zip(index, self.chunk_shape))
         lens = tuple(min(c, s - o) for o, c, s in zip(offs, self.chunk_shape, self.shape))
-        return Box(offs, lens)
+        return _box(offs, lens)
 
     def indices(self) -> Iterator[tuple[int, ...]]:
         """Every chunk index in row-major order."""

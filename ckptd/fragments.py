@@ -32,7 +32,7 @@ class Box:
     def __post_init__(self) -> None:
         if len(self.offsets) != len(self.lengths):
             raise LayoutError(f"box rank mismatch: offsets {self.offsets} lengths {self.lengths}")
-        if any(o < 0 for o in self.offsets) or any(n < 0 for n in self.lengths):
+        if (self.offsets and min(self.offsets) < 0) or (self.lengths and min(self.lengths) < 0):
             raise LayoutError(f"box has a negative offset or length: {self}")
 
     @staticmethod
@@ -46,26 +46,32 @@ class Box:
 
     @property
     def ends(self) -> Shape:
-        return tuple(o + n for o, n in zip(self.offsets, self.lengths))
+        return tuple(map(_add, self.offsets, self.lengths))
 
     @property
     def numel(self) -> int:
         return math.prod(self.lengths)
 
     def is_empty(self) -> bool:
-        return self.numel == 0
+        return 0 in self.lengths
 
     def fits_in(self, shape: Sequence[int]) -> bool:
         """True if the box lies inside a tensor of ``shape``."""
-        return len(shape) == self.ndim and all(e <= s for e, s in zip(self.ends, shape))
+        return len(shape) == len(self.lengths) and all(
+            o + n <= s for o, n, s in zip(self.offsets, self.lengths, shape)
+        )
 
     def intersect(self, other: Box) -> Box | None:
         """The common box, or None if the boxes do not overlap (or one is empty)."""
-        lo = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets))
-        hi = tuple(min(a, b) for a, b in zip(self.ends, other.ends))
-        if any(h <= lo_ for lo_, h in zip(lo, hi)):
-            return None
-        return Box(lo, tuple(h - lo_ for lo_, h in zip(lo, hi)))
+        offs, lens = [], []
+        for a, n, b, m in zip(self.offsets, self.lengths, other.offsets, other.lengths):
+            lo = a if a > b else b
+            hi = min(a + n, b + m)
+            if hi <= lo:
+                return None
+            offs.append(lo)
+            lens.append(hi - lo)
+        return _box(tuple(offs), tuple(lens))
 
     def shift(self, delta: Sequence[int], sign: int = 1) -> Box:
         """The same box translated by ``sign * delta``."""
@@ -80,7 +86,22 @@ class Box:
 
     @staticmethod
     def from_json(obj: Sequence[Sequence[int]]) -> Box:
-        return Box(tuple(int(x) for x in obj[0]), tuple(int(x) for x in obj[1]))
+        offs, lens = tuple(map(int, obj[0])), tuple(map(int, obj[1]))
+        if len(offs) != len(lens) or (offs and min(offs) < 0) or (lens and min(lens) < 0):
+            raise LayoutError(f"invalid box {obj!r}")
+        return _box(offs, lens)
+
+
+def _add(a: int, b: int) -> int:
+    return a + b
+
+
+def _box(offsets: Shape, lengths: Shape) -> Box:
+    """Construct a Box known to be valid (skips validation on hot paths)."""
+    b = object.__new__(Box)
+    object.__setattr__(b, "offsets", offsets)
+    object.__setattr__(b, "lengths", lengths)
+    return b
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class Split(Placement):
         meta = TensorMeta(name, dtype, gshape)
         keep = max(0, min(local, size - start))  # rows past the canonical size are padding
         pieces: tuple[Piece, ...] = ()
-        if keep > 0 or math.prod(local_shape) == 0:
+        if keep > 0:
             gbox = Box(_with((0,) * len(local_shape), d, start), _with(local_shape, d, keep))
             lbox = Box((0,) * len(local_shape), _with(local_shape, d, keep))
             pieces = (Piece(name, gbox, lbox),)
@@ -157,11 +157,18 @@ class Fused(Placement):
 
 @dataclass(frozen=True)
 class FlatParam:
-    """One parameter inside a flat buffer: logical name, global shape, flat offset."""
+    """One parameter inside a flat buffer: logical name, shape in the buffer, flat offset.
+
+    Under tensor parallelism the buffer holds the rank's TP shard of the parameter:
+    ``shape`` is the shard's shape, and ``global_shape``/``global_offsets`` say where the
+    shard lies in the logical tensor (Megatron's distributed optimizer).
+    """
 
     name: str
     shape: Shape
     offset: int
+    global_shape: Shape | None = None
+    global_offsets: Shape | None = None
 
     @property
     def numel(self) -> int:
@@ -182,18 +189,29 @@ class FlatShard(Placement):
     start: int
 
     @staticmethod
-    def pack(params: Sequence[tuple[str, Sequence[int]]], start: int, align: int = 1) -> FlatShard:
-        """Lay ``params`` out back to back, each starting at a multiple of ``align``."""
+    def pack(
+        params: Sequence[tuple[str, Sequence[int]] | FlatParam], start: int, align: int = 1
+    ) -> FlatShard:
+        """Lay ``params`` out back to back, each starting at a multiple of ``align``.
+
+        Items are ``(name, shape)`` pairs or :class:`FlatParam` templates (whose offset is
+        recomputed), the latter to place TP shards in their global tensors.
+        """
         out, off = [], 0
-        for n, shape in params:
+        for item in params:
             off = -(-off // align) * align
-            fp = FlatParam(n, tuple(int(s) for s in shape), off)
+            if isinstance(item, FlatParam):
+                fp = FlatParam(item.name, item.shape, off, item.global_shape, item.global_offsets)
+            else:
+                fp = FlatParam(item[0], tuple(int(s) for s in item[1]), off)
             out.append(fp)
             off += fp.numel
         return FlatShard(tuple(out), start)
 
     @staticmethod
-    def flat_size(params: Sequence[tuple[str, Sequence[int]]], align: int = 1) -> int:
+    def flat_size(
+        params: Sequence[tuple[str, Sequence[int]] | FlatParam], align: int = 1
+    ) -> int:
         """Total length of the flat buffer that :meth:`pack` lays out."""
         fs = FlatShard.pack(params, 0, align)
         last = fs.params[-1] if fs.params else None
@@ -205,13 +223,13 @@ class FlatShard(Placement):
         lo, hi = self.start, self.start + local_shape[0]
         metas, pieces = [], []
         for fp in self.params:
-            metas.append(TensorMeta(fp.name, dtype, fp.shape))
+            metas.append(TensorMeta(fp.name, dtype, fp.global_shape or fp.shape))
             a, b = max(lo, fp.offset), min(hi, fp.offset + fp.numel)
             if a >= b:
                 continue
-            for rel, gbox in flat_range_to_boxes(fp.shape, a - fp.offset, b - fp.offset):
-                local_start = a - lo + rel
-                pieces.append(Piece(fp.name, gbox, Box((local_start,), (gbox.numel,))))
+            for rel, box in flat_range_to_boxes(fp.shape, a - fp.offset, b - fp.offset):
+                gbox = box.shift(fp.global_offsets) if fp.global_offsets else box
+                pieces.append(Piece(fp.name, gbox, Box((a - lo + rel,), (box.numel,))))
         return tuple(metas), tuple(pieces)
 
 

@@ -180,14 +180,19 @@ def build_save_plan(
         tensors[name] = TensorPlan(meta, grid, aligned)
         _plan_chunks(name, meta, grid, boxes, writer_of, chunks, transfers)
 
+    sends: list[list[Transfer]] = [[] for _ in range(world)]
+    recvs: list[list[Transfer]] = [[] for _ in range(world)]
+    for t in transfers:
+        sends[t.src].append(t)
+        recvs[t.dst].append(t)
     ranks = []
     for r in range(world):
         ranks.append(
             RankSavePlan(
                 rank=r,
                 staged=tuple(sorted(staged[r], key=lambda s: (s.piece.name, s.piece.global_box))),
-                sends=tuple(t for t in transfers if t.src == r),
-                recvs=tuple(t for t in transfers if t.dst == r),
+                sends=tuple(sends[r]),
+                recvs=tuple(recvs[r]),
                 chunks=tuple(chunks[r]),
             )
         )

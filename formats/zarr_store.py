@@ -42,11 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from ckptd.formats.chunkcodec import crc32c
-from ckptd.formats.manifest import GROUP_META_KEY, Manifest
-from ckptd.formats.reader import CheckpointReader
-from ckptd.formats.storage import ObjectNotFoundError, Storage, open_storage
-from ckptd.formats.zarr_meta import array_metadata_bytes
 from zarr.abc.store import (
     ByteRequest,
     OffsetByteRequest,
@@ -59,6 +54,11 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from ckptd.chunking import chunk_key
 from ckptd.dtypes import torch_dtype
 from ckptd.errors import IntegrityError
+from ckptd.formats.chunkcodec import crc32c
+from ckptd.formats.manifest import GROUP_META_KEY, Manifest
+from ckptd.formats.reader import CheckpointReader
+from ckptd.formats.storage import ObjectNotFoundError, Storage, open_storage
+from ckptd.formats.zarr_meta import array_metadata_bytes
 
 __all__ = ["CheckpointStore", "open_zarr", "read_tensor"]
 
@@ -72,6 +72,7 @@ class _Entry:
     length: int | None = None  # stored bytes; None: the whole object, size unknown
     crc32c: int | None = None  # checked before serving (chunks only)
     data: bytes | None = None  # synthesized content
+    packed: bool = False  # a byte range of a pack object
     what: str = ""  # names the tensor/chunk in errors
 
 
@@ -233,7 +234,10 @@ class CheckpointStore(Store):
             if entry.crc32c is None or not self.verify:
                 start, end = _bounds(entry.length, byte_range)
                 return self.storage.get_range(obj, entry.offset + start, entry.offset + end)
-            data = self.storage.get_range(obj, entry.offset, entry.offset + entry.length)
+            if entry.packed:
+                data = self.storage.get_range(obj, entry.offset, entry.offset + entry.length)
+            else:  # a whole chunk object (like CheckpointReader.read_chunk)
+                data = self.storage.get(obj)
         except ObjectNotFoundError as e:
             raise IntegrityError(f"{entry.what} ({obj}): object is missing") from e
         if len(data) != entry.length or crc32c(data) != entry.crc32c:
@@ -253,9 +257,10 @@ def _entries(manifest: Manifest) -> dict[str, _Entry]:
         else:
             out[meta_key] = _Entry(meta_key, what=f"tensor {name!r} array metadata")
         for c in rec.chunks:
+            what = f"tensor {name!r} chunk {list(c.index)}"
+            packed = c.packed or c.offset > 0
             out[f"{name}/{chunk_key(c.index)}"] = _Entry(
-                c.object, c.offset, c.length, c.crc32c,
-                what=f"tensor {name!r} chunk {list(c.index)}",
+                c.object, c.offset, c.length, c.crc32c, packed=packed, what=what
             )
     return out
 

@@ -21,13 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-from ckptd.formats.chunkcodec import crc32c
-from ckptd.formats.storage import FaultPlan
-from ckptd.formats.writer import WriterOptions
-from ckptd.planner import PlanOptions
 
 from ckptd.errors import (
     CkptError,
+    CommitConflictError,
     DistributedError,
     FormatVersionError,
     IntegrityError,
@@ -36,6 +33,10 @@ from ckptd.errors import (
     NotCommittedError,
     ReshardError,
 )
+from ckptd.formats.chunkcodec import crc32c
+from ckptd.formats.storage import FaultPlan
+from ckptd.formats.writer import WriterOptions
+from ckptd.planner import PlanOptions
 
 STEP1 = "step-000000001"
 STEP2 = "step-000000002"
@@ -148,14 +149,13 @@ def test_flipped_bit_in_packed_chunk(ck: Any, saved: tuple[Path, dict[str, Any]]
     root, state = saved
     rec = manifest_doc(root)["attributes"]["ckpt"]["tensors"]["half"]
     [[index, obj, offset, length, _crc, packed]] = rec["chunks"]
-    assert packed and obj.startswith("packs/")
+    assert packed and obj.startswith("packs/") and index == [0, 0]
     flip_bit(root / STEP1 / obj, offset + length // 2, bit=0)
     with pytest.raises(IntegrityError, match=r"tensor 'half' chunk \[0, 0\].*packs/.*checksum"):
         ck.load(empty_like(state), str(root))
     others = {k: v for k, v in empty_like(state).items() if k != "half"}
     ck.load(others, str(root))  # other members of the same pack are intact
     assert_equal_state(others, {k: v for k, v in state.items() if k != "half"})
-    assert index == [0, 0]
 
 
 def test_truncated_manifest(ck: Any, saved: tuple[Path, dict[str, Any]]) -> None:
@@ -203,7 +203,7 @@ def test_truncated_pack_is_an_integrity_error(ck: Any, saved: tuple[Path, dict[s
     root, state = saved
     pack = root / STEP1 / "packs" / "r00000-00000.pack"
     pack.write_bytes(pack.read_bytes()[:-10])
-    with pytest.raises(IntegrityError, match=r"tensor '\w+' chunk \[0\]|tensor '\w+' chunk \[0, 0\]"):
+    with pytest.raises(IntegrityError, match=r"tensor '\w+' chunk \[0(, 0)?\]"):
         ck.load(empty_like(state), str(root))
 
 
@@ -308,7 +308,7 @@ def test_resaving_a_committed_step_is_refused_and_keeps_it(
 ) -> None:
     root, state = saved
     before = {f: (root / f).read_bytes() for f in files_under(root)}
-    with pytest.raises(CkptError, match="already committed|CommitConflictError"):
+    with pytest.raises(CommitConflictError, match="step 1 is already committed"):
         ck.save(make_state(9), 1, str(root))
     assert {f: (root / f).read_bytes() for f in files_under(root)} == before
     dst = empty_like(state)
@@ -461,7 +461,8 @@ def _check_step2_invisible_then_recover(ck: Any, root: Path, leftover_expected: 
     dst = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1 for k, v in want1.items()}
     assert ck.load(dst, str(root)).step == 1  # ... but invisible
     assert_equal_state(dst, want1)
-    with pytest.raises(NotCommittedError, match=r"uncommitted .*\[2\]" if leftover_expected else ""):
+    pending = r"uncommitted .*\[2\]" if leftover_expected else ""
+    with pytest.raises(NotCommittedError, match=pending):
         ck.load(dst, str(root), step=2)
 
     want3 = crash_state(3)
@@ -496,10 +497,9 @@ def test_sigkill_during_async_save(ck: Any, tmp_path: Path) -> None:
     _check_step2_invisible_then_recover(ck, root, leftover_expected=True)
 
 
-# Where the coordinator dies: after some chunks, before the manifest is durable, and
-# between the manifest and the commit marker.
+# Where the coordinator dies (mid-chunk is the test above): while the manifest is
+# written, and between the manifest and the commit marker.
 KILL_POINTS = {
-    "chunk": f"put:{STEP2}/layer2/c/*",
     "manifest": f"put:{STEP2}/zarr.json",
     "marker": f"put_if_absent:{STEP2}/COMMITTED",
 }

@@ -13,21 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ckpt
 import numpy as np
 import pytest
 import torch
 import zarr
 import zarr.storage
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+
+import ckpt
+from ckptd.errors import IntegrityError, NotCommittedError
 from ckptd.formats.chunkcodec import CodecPolicy
 from ckptd.formats.commit import step_dir
 from ckptd.formats.manifest import Manifest, parse_group_metadata
 from ckptd.formats.storage import LocalStorage, open_storage
 from ckptd.formats.zarr_store import CheckpointStore, open_zarr, read_tensor
-from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
-
-from ckptd.errors import IntegrityError, NotCommittedError
 from ckptd.planner import PlanOptions
 
 SMALL_CHUNKS = PlanOptions(target_chunk_bytes=1 << 20, min_aligned_chunk_bytes=1 << 18)
@@ -131,7 +131,10 @@ def test_plain_zarr_reads_unpacked_arrays_without_ckptd(
     names = sorted(n for n, r in manifest_of(root, 7).tensors.items() if not r.packed)
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_ZARR_SCRIPT, str(root / step_dir(7)), json.dumps(names)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
@@ -297,8 +300,9 @@ def test_store_api(saved: tuple[Path, dict[str, torch.Tensor]]) -> None:
         (SuffixByteRequest(4), whole[-4:]),
     ]:
         assert run(store.get("small_i64/c/0", proto, req)).to_bytes() == want
-    parts = run(store.get_partial_values(proto, [("big/c/1/0", RangeByteRequest(0, 4)),
-                                                 ("missing", None)]))
+    parts = run(
+        store.get_partial_values(proto, [("big/c/1/0", RangeByteRequest(0, 4)), ("missing", None)])
+    )
     assert parts[0].to_bytes() == b"\x28\xb5\x2f\xfd" and parts[1] is None
     meta_size = (root / step_dir(7) / "big" / "zarr.json").stat().st_size
     assert run(store.getsize("big/zarr.json")) == meta_size
