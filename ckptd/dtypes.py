@@ -3,50 +3,69 @@
 Canonical names are torch's (``float32``, ``bfloat16``). dtypes without a numpy/zarr
 equivalent (bfloat16, float8 variants) are stored bit-for-bit as unsigned integers of
 the same width; the manifest and the array attributes keep the real dtype.
+
+torch is imported lazily, so that tools which only read manifests (``ckpt ls``) start
+without it.
 """
 
 from __future__ import annotations
 
+from functools import cache
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ckptd.errors import CkptError
 
-_TORCH: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-}
-for _n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
-    if hasattr(torch, _n):
-        _TORCH[_n] = getattr(torch, _n)
-for _n in ("uint16", "uint32", "uint64"):
-    if hasattr(torch, _n):
-        _TORCH[_n] = getattr(torch, _n)
+if TYPE_CHECKING:
+    import torch
 
-_NAME = {v: k for k, v in _TORCH.items()}
+_ITEMSIZE: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+    "complex64": 8,
+    "complex128": 16,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+}
 
 # Stored as raw bits in an unsigned integer array of the same width.
-_BITS_AS = {"bfloat16": "uint16"} | {n: "uint8" for n in _TORCH if n.startswith("float8")}
+_BITS_AS = {"bfloat16": "uint16"} | {n: "uint8" for n in _ITEMSIZE if n.startswith("float8")}
 
 
 class UnsupportedDtypeError(CkptError, TypeError):
     """A tensor dtype that the universal format cannot store."""
 
 
+@cache
+def _torch_table() -> dict[str, torch.dtype]:
+    import torch
+
+    return {n: getattr(torch, n) for n in _ITEMSIZE if hasattr(torch, n)}
+
+
+@cache
+def _name_table() -> dict[torch.dtype, str]:
+    return {v: k for k, v in _torch_table().items()}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """Canonical name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
     try:
-        return _NAME[dtype]
+        return _name_table()[dtype]
     except KeyError:
         raise UnsupportedDtypeError(f"dtype {dtype} is not supported by the format") from None
 
@@ -54,18 +73,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for a canonical name."""
     try:
-        return _TORCH[name]
+        return _torch_table()[name]
     except KeyError:
         raise UnsupportedDtypeError(f"unknown dtype name {name!r}") from None
 
 
 def itemsize_of(name: str) -> int:
     """Bytes per element of a canonical dtype name."""
-    return torch_dtype(name).itemsize
+    try:
+        return _ITEMSIZE[name]
+    except KeyError:
+        raise UnsupportedDtypeError(f"unknown dtype name {name!r}") from None
 
 
 def storage_dtype(name: str) -> str:
     """The zarr ``data_type`` used to store ``name`` (its bits, for dtypes numpy lacks)."""
+    itemsize_of(name)
     return _BITS_AS.get(name, name)
 
 

@@ -209,9 +209,7 @@ class FlatShard(Placement):
         return FlatShard(tuple(out), start)
 
     @staticmethod
-    def flat_size(
-        params: Sequence[tuple[str, Sequence[int]] | FlatParam], align: int = 1
-    ) -> int:
+    def flat_size(params: Sequence[tuple[str, Sequence[int]] | FlatParam], align: int = 1) -> int:
         """Total length of the flat buffer that :meth:`pack` lays out."""
         fs = FlatShard.pack(params, 0, align)
         last = fs.params[-1] if fs.params else None

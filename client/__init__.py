@@ -12,8 +12,8 @@ import logging
 
 from ckpt.api import configure, get_config, load, save, shutdown, wait
 from ckpt.config import Config
-from ckpt.load import LoadResult
-from ckpt.save import SaveHandle, SaveResult
+from ckpt.loader import LoadResult
+from ckpt.saver import SaveHandle, SaveResult
 from ckptd.errors import (
     CkptError,
     DistributedError,

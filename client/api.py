@@ -12,8 +12,8 @@ from typing import Any
 
 from ckpt.config import Config, ConfigError, from_env
 from ckpt.dist import context
-from ckpt.load import LoadResult, MergeRule, load_state
-from ckpt.save import SaveHandle, Saver, SaveResult
+from ckpt.loader import LoadResult, MergeRule, load_state
+from ckpt.saver import SaveHandle, Saver, SaveResult
 from ckptd.formats.storage import Storage, open_storage
 from ckptd.layout import Layout
 

@@ -1,15 +1,21 @@
 """Chunk codecs: the bytes of one stored chunk, and their checksum.
 
-Three codec chains, recorded per tensor in the manifest and the zarr array metadata:
+Codec chains, recorded per tensor in the manifest and the zarr array metadata:
 
 - ``raw``: zarr ``bytes`` codec only (little-endian, C order). Fastest on local disks,
   where zstd on fp32 weights (ratio ~1.08) is slower than the disk itself.
 - ``zstd``: ``bytes`` + ``zstd``; every chunk compressed.
-- ``zstd-adaptive`` (the default): ``bytes`` + ``zstd`` as well, but each chunk is
+- ``zstd-adaptive``: ``bytes`` + ``zstd`` as well, but each chunk is
   compressed only if a sample of it compresses at least ``min_ratio``; otherwise it is
   stored as a zstd frame of *raw blocks* (a memcpy, no compression work). Any zstd
   decoder, zarr-python's included, reads both kinds. The decision is made per chunk
   from the data, so writers never have to agree on it.
+
+The default policy, ``auto``, picks ``raw`` or ``zstd`` per tensor when a layout is
+first planned, from a sample of every rank's data (:func:`sample_sizes`): tensors that
+compress at least ``min_ratio`` (mostly-zero state, often bf16 on remote storage) are
+compressed, the rest (fp32 weights, ratio ~1.08) are written raw and read with no
+decoding at all.
 
 Checksums are CRC32C of the stored bytes (hardware-accelerated ``crc32c`` package).
 """
@@ -26,6 +32,7 @@ import zstandard
 from ckptd.errors import IntegrityError
 
 CODECS = ("raw", "zstd", "zstd-adaptive")
+POLICIES = ("auto", *CODECS)
 _ZSTD_MAGIC = struct.pack("<I", 0xFD2FB528)
 _RAW_BLOCK_MAX = 128 * 1024
 _SAMPLE_BYTES = 256 * 1024
@@ -35,13 +42,28 @@ _SAMPLE_BYTES = 256 * 1024
 class CodecPolicy:
     """Which codec chain to use and when a chunk is worth compressing."""
 
-    codec: str = "zstd-adaptive"
+    codec: str = "auto"
     level: int = 1
     min_ratio: float = 1.5  # local disks; remote storage uses ~1.05 (see client config)
 
     def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.codec not in POLICIES:
+            raise ValueError(f"codec must be one of {POLICIES}, got {self.codec!r}")
+
+    def choose(self, compressed: int, raw: int) -> str:
+        """The codec of one tensor given sample sizes (``auto``) or the fixed codec."""
+        if self.codec != "auto":
+            return self.codec
+        return "zstd" if raw and compressed * self.min_ratio <= raw else "raw"
+
+
+def sample_sizes(data: memoryview, level: int = 1, nbytes: int = 64 * 1024) -> tuple[int, int]:
+    """(compressed, raw) sizes of a sample from the middle of ``data``."""
+    n = min(nbytes, data.nbytes)
+    if n == 0:
+        return 0, 0
+    mid = (data.nbytes - n) // 2
+    return len(_compressor(level).compress(data[mid : mid + n])), n
 
 
 _local = threading.local()

@@ -30,9 +30,8 @@ import re
 import time
 from typing import Any
 
-from ckptd.formats.storage import ObjectNotFoundError, Storage
-
 from ckptd.errors import IntegrityError, NotCommittedError
+from ckptd.formats.storage import ObjectNotFoundError, Storage
 
 MARKER_NAME = "COMMITTED"
 LATEST_KEY = "latest"

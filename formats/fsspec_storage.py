@@ -15,6 +15,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec.core
+from fsspec.exceptions import FSTimeoutError
+
+from ckptd.errors import CkptError, StorageError
 from ckptd.formats.storage import (
     Buffer,
     ObjectNotFoundError,
@@ -23,9 +26,6 @@ from ckptd.formats.storage import (
     conflict_error,
     not_found_error,
 )
-from fsspec.exceptions import FSTimeoutError
-
-from ckptd.errors import CkptError, StorageError
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptd.dtypes import UnsupportedDtypeError, torch_dtype
+from ckptd.dtypes import UnsupportedDtypeError, itemsize_of
 from ckptd.errors import FormatVersionError, IntegrityError
 from ckptd.fragments import Shape, TensorMeta
 
@@ -84,7 +84,7 @@ class TensorRecord:
             packed=bool(obj.get("packed", False)),
             chunks=tuple(ChunkRecord.from_json(c) for c in obj["chunks"]),
         )
-        torch_dtype(rec.dtype)  # unknown dtype -> UnsupportedDtypeError
+        itemsize_of(rec.dtype)  # unknown dtype -> UnsupportedDtypeError
         if len(rec.chunk_shape) != len(rec.shape):
             raise IntegrityError(f"tensor {name!r}: chunk_shape rank differs from shape rank")
         return rec

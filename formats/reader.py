@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckptd.dtypes import numpy_storage_dtype, torch_dtype
 from ckptd.errors import IntegrityError
@@ -28,6 +27,9 @@ from ckptd.formats.manifest import (
 from ckptd.formats.storage import ObjectNotFoundError, Storage
 from ckptd.fragments import Box
 from ckptd.planner import ChunkRead, StoredTensor
+
+if TYPE_CHECKING:  # torch is imported on first chunk read: `ckpt ls` starts without it
+    import torch
 
 
 class CheckpointReader:
@@ -117,6 +119,8 @@ class CheckpointReader:
 
 def bytes_as_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """A uint8 tensor over ``data`` without a copy; callers only read from it."""
+    import torch
+
     if len(data) == 0:
         return torch.empty(0, dtype=torch.uint8)
     with warnings.catch_warnings():

@@ -37,9 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ckptd.formats.keys import validate_key, validate_prefix
-
 from ckptd.errors import CkptError, CommitConflictError, StorageError
+from ckptd.formats.keys import validate_key, validate_prefix
 
 Buffer = bytes | bytearray | memoryview
 
@@ -181,11 +180,10 @@ class LocalStorage(Storage):
     supports_conditional_put = True  # link(2) fails atomically if the target exists
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Use directory ``path`` (created, durably, if missing) as the root."""
+        """Use directory ``path`` as the root; it is created (durably) by the first write,
+        so that opening a mistyped root for reading does not leave an empty directory."""
         self.root = os.path.abspath(os.fspath(path))
         self.url = "file://" + self.root
-        with self._mapped("create root", ""):
-            self._makedirs(self.root)
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/")) if key else self.root

@@ -86,7 +86,8 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("zarr-interop")
     state = make_state()
-    with configured(plan=SMALL_CHUNKS):
+    # zstd-adaptive exercises both kinds of zstd frame; the default (auto) is raw/zstd.
+    with configured(plan=SMALL_CHUNKS, codec=CodecPolicy(codec="zstd-adaptive")):
         ckpt.save({**state, "epoch": 3}, 7, str(root))
     return root, state
 

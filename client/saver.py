@@ -25,7 +25,7 @@ from ckpt.staging import Arena, ArenaPool, arena_bytes
 from ckptd.errors import CkptError, CommitConflictError, InvalidKeyError
 from ckptd.execute import ChunkRecipe, assemble_chunk, chunk_recipes, piece_view, transfer_payload
 from ckptd.formats import commit as commit_mod
-from ckptd.formats.chunkcodec import CodecPolicy, crc32c
+from ckptd.formats.chunkcodec import CodecPolicy, crc32c, sample_sizes
 from ckptd.formats.manifest import ChunkRecord, Manifest, TensorRecord, group_metadata_bytes
 from ckptd.formats.retention import BackgroundGC
 from ckptd.formats.storage import Storage
@@ -141,7 +141,7 @@ class Saver:
         gathered = self.ctx.all_gather((digest, describe(err) if err else None))
         raise_if_failed(f"save of step {step} (layout)", [g[1] for g in gathered], err)
         assert lay is not None and flat is not None
-        entry = self._plan(tuple(g[0] for g in gathered), lay, self.config.codec_for(root))
+        entry = self._plan(tuple(g[0] for g in gathered), lay, flat, self.config.codec_for(root))
 
         arena = self._pool.acquire(entry.nbytes)
         try:
@@ -187,15 +187,25 @@ class Saver:
             for gc in self._gcs.values():
                 gc.close()
 
-    def _plan(self, digests: tuple[str, ...], lay: RankLayout, policy: CodecPolicy) -> PlanEntry:
+    def _plan(
+        self, digests: tuple[str, ...], lay: RankLayout, flat: FlatState, policy: CodecPolicy
+    ) -> PlanEntry:
         key = (*digests, policy.codec, str(policy.level))
         cached = self._plans.get(key)
         if cached is not None:
             return cached
-        raw = self.ctx.all_gather(layout_to_json(lay))
-        layouts = tuple(layout_from_json(o) for o in raw)
+        samples = _compressibility(lay, flat, policy) if policy.codec == "auto" else {}
+        raw = self.ctx.all_gather((layout_to_json(lay), samples))
+        layouts = tuple(layout_from_json(o) for o, _ in raw)
         plan = build_save_plan(layouts, self.config.plan)
-        entry = _derive(plan, self.ctx.rank, layouts, self.config, policy)
+        totals: dict[str, list[int]] = {}
+        for _, smp in raw:
+            for name, (c, n) in smp.items():
+                acc = totals.setdefault(name, [0, 0])
+                acc[0] += c
+                acc[1] += n
+        codecs = {name: policy.choose(*totals.get(name, (0, 0))) for name in plan.tensors}
+        entry = _derive(plan, self.ctx.rank, layouts, self.config, policy, codecs)
         self._plans = {key: entry}  # one layout at a time; a new layout replaces it
         return entry
 
@@ -309,7 +319,12 @@ class Saver:
 
 
 def _derive(
-    plan: SavePlan, rank: int, layouts: tuple[RankLayout, ...], config: Config, policy: CodecPolicy
+    plan: SavePlan,
+    rank: int,
+    layouts: tuple[RankLayout, ...],
+    config: Config,
+    policy: CodecPolicy,
+    codecs: dict[str, str],
 ) -> PlanEntry:
     rp = plan.for_rank(rank)
     records = {}
@@ -320,7 +335,7 @@ def _derive(
             tp.meta.dtype,
             tp.meta.shape,
             tp.grid.chunk_shape,
-            policy.codec,
+            codecs[name],
             policy.level,
             packed,
             (),
@@ -340,6 +355,24 @@ def _derive(
     return PlanEntry(
         plan, rp, chunk_recipes(rp), records, meta_owned, specs, arena_bytes(specs), layouts
     )
+
+
+def _compressibility(
+    lay: RankLayout, flat: FlatState, policy: CodecPolicy
+) -> dict[str, tuple[int, int]]:
+    """Per logical tensor, (compressed, raw) bytes of samples of this rank's data."""
+    out: dict[str, tuple[int, int]] = {}
+    for e in lay.entries:
+        t = local_tensor(flat.tensors[e.key])
+        if t.numel() == 0:
+            continue
+        flat_t = t.detach().reshape(-1)[: (1 << 20) // max(1, t.element_size())]
+        data = flat_t.cpu().contiguous().view(torch.uint8).numpy()
+        c, n = sample_sizes(memoryview(data).cast("B"), policy.level)
+        for name in {p.name for p in e.pieces}:
+            prev = out.get(name, (0, 0))
+            out[name] = (prev[0] + c, prev[1] + n)
+    return out
 
 
 def _manifest(job: _Job, gathered: list[dict[str, Any]]) -> Manifest:
