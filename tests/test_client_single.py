@@ -145,9 +145,9 @@ def test_strict_and_non_strict_keys(tmp_path):
 
 def test_shape_and_dtype_mismatch_name_the_tensor(tmp_path):
     ckpt.save({"layer.w": torch.ones(3, 2)}, 1, str(tmp_path))
-    with pytest.raises(ReshardError, match="layer.w"):
+    with pytest.raises(ReshardError, match=r"layer\.w"):
         ckpt.load({"layer.w": torch.zeros(2, 3)}, str(tmp_path))
-    with pytest.raises(ReshardError, match="layer.w"):
+    with pytest.raises(ReshardError, match=r"layer\.w"):
         ckpt.load({"layer.w": torch.zeros(3, 2, dtype=torch.float64)}, str(tmp_path))
 
 
@@ -178,8 +178,11 @@ def test_dtypes_and_edge_shapes_roundtrip(tmp_path):
         "empty": torch.zeros(0, 4),
         "big": torch.randn(700, 700),  # > 1 MiB: unpacked, several chunks with small target
     }
-    ckpt.configure(plan=ckpt.api.get_config().plan.__class__(target_chunk_bytes=256 << 10,
-                                                             min_aligned_chunk_bytes=64 << 10))
+    ckpt.configure(
+        plan=ckpt.api.get_config().plan.__class__(
+            target_chunk_bytes=256 << 10, min_aligned_chunk_bytes=64 << 10
+        )
+    )
     ckpt.save(state, 2, str(tmp_path))
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     ckpt.load(out, str(tmp_path), strict=True)
