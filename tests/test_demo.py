@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -20,5 +21,6 @@ def test_demo_resumes_bit_identical(tmp_path):
     assert proc.returncode == 0, out
     assert "demo PASSED" in out
     assert "bit-identical" in out
-    # Resumed from a checkpoint written by the killed 4-rank job, under 2 ranks.
-    assert "loaded step 20" in out
+    # Resumed under 2 ranks from a checkpoint that the killed 4-rank job committed.
+    m = re.search(r"loaded step (\d+)", out)
+    assert m and int(m.group(1)) >= 5 and int(m.group(1)) % 5 == 0, out

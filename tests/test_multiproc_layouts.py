@@ -56,8 +56,16 @@ def _dp_globals() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 def _dp_save(rank: int, world: int, root: str) -> None:
     params, moments = _dp_globals()
     model = module_from(params)
-    state = {"model": model, "optim": adam_with_state(model, moments, step=7), "step": 7}
-    ckpt.save(state, 7, root, blocking=False, layout=ckpt.Layout(coords={"dp": rank})).wait()
+    opt = adam_with_state(model, moments, step=7)
+    state = {"model": model, "optim": opt, "step": 7}
+    h = ckpt.save(state, 7, root, blocking=False, layout=ckpt.Layout(coords={"dp": rank}))
+    # An async save returns once the tensors are staged: changing them now (the next
+    # optimizer step) must not change the checkpoint.
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(1.0)
+            opt.state[prm]["exp_avg"].add_(1.0)
+    h.wait()
 
 
 def _dp_load(rank: int, world: int, root: str) -> None:
@@ -97,10 +105,13 @@ def test_dp2_replicated_module_and_adam_to_dp2_and_one_process(tmp_path):
 
 DT_SHAPES = {"model.w": (8, 3), "model.u": (6, 5), "model.b": (6,)}  # 6 rows / 4 ranks: 2,2,2,0
 DT_REPL = {"model.scale": (3,)}
+# Saved on a 2-D (dp, tp) mesh of the 4 ranks: FSDP x TP, and TP-sharded / DP-replicated.
+DT_2D = {"model.m2": ((6, 4), ("S0", "S1")), "model.m2r": ((8, 3), ("R", "S0"))}
 
 
 def _dt_globals() -> dict[str, torch.Tensor]:
-    out = {n: gen(n, s, seed=3) for n, s in {**DT_SHAPES, **DT_REPL}.items()}
+    shapes = {**DT_SHAPES, **DT_REPL, **{n: s for n, (s, _) in DT_2D.items()}}
+    out = {n: gen(n, s, seed=3) for n, s in shapes.items()}
     for n, s in DT_SHAPES.items():
         for k in ADAM_KEYS:
             key = f"optim.{n}.{k}"
@@ -114,9 +125,14 @@ def _dt_state(world: int, fill: float | None) -> dict[str, torch.Tensor]:
 
     g = _dt_globals()
     mesh = init_device_mesh("cpu", (world,))
+    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")) if world == 4 else None
+    named = {"S0": Shard(0), "S1": Shard(1), "R": Replicate()}
     state: dict[str, torch.Tensor] = {}
     for n, t in g.items():
         src = t if fill is None else torch.full_like(t, fill)
+        if n in DT_2D and mesh2d is not None:
+            state[n] = distribute_tensor(src, mesh2d, [named[x] for x in DT_2D[n][1]])
+            continue
         placement = Replicate() if n in DT_REPL else Shard(0)
         state[n] = distribute_tensor(src, mesh, [placement])
     state["optim.step"] = torch.tensor(5.0 if fill is None else fill)
@@ -160,7 +176,7 @@ def _dt_body(p, root: str) -> None:  # noqa: ANN001
     p.solo(_dt_load_plain, root)
 
 
-def test_dtensor_shard0_4_ranks_to_2_ranks_and_one_process(tmp_path):
+def test_dtensor_shard0_and_2d_mesh_4_ranks_to_2_ranks_and_one_process(tmp_path):
     run(_dt_body, 4, (str(tmp_path / "ckpt"),), timeout=90)
 
 
