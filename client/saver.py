@@ -22,6 +22,7 @@ import torch
 from ckpt.config import Config
 from ckpt.dist import DistContext, describe, raise_if_failed
 from ckpt.staging import Arena, ArenaPool, arena_bytes
+from ckptd.dtypes import torch_dtype
 from ckptd.errors import CkptError, CommitConflictError, InvalidKeyError
 from ckptd.execute import ChunkRecipe, assemble_chunk, chunk_recipes, piece_view, transfer_payload
 from ckptd.formats import commit as commit_mod
@@ -92,7 +93,7 @@ class _Job:
     storage: Storage
     root: str
     entry: PlanEntry
-    arena: Arena
+    arena: Arena | None
     views: list[torch.Tensor]
     rng: dict[str, Any]
     objects: dict[str, Any]
@@ -143,16 +144,29 @@ class Saver:
         assert lay is not None and flat is not None
         entry = self._plan(tuple(g[0] for g in gathered), lay, flat, self.config.codec_for(root))
 
-        arena = self._pool.acquire(entry.nbytes)
-        try:
-            views = arena.views(entry.specs)
-            for sp, dst in zip(entry.rank_plan.staged, views):
-                dst.copy_(piece_view(local_tensor(flat.tensors[sp.key]), sp.piece))
-            rng = {k: capture_rng(flat.rng_object(k).include_cuda) for k in flat.rng_keys}
-            objects = json.loads(json.dumps(flat.objects))  # a snapshot, not live references
-        except BaseException:
-            self._pool.release(arena)
-            raise
+        rng = {k: capture_rng(flat.rng_object(k).include_cuda) for k in flat.rng_keys}
+        objects = json.loads(json.dumps(flat.objects))  # a snapshot, not live references
+        sources = [
+            piece_view(local_tensor(flat.tensors[sp.key]), sp.piece)
+            for sp in entry.rank_plan.staged
+        ]
+        arena: Arena | None = None
+        if blocking and all(t.device.type == "cpu" for t in sources):
+            # The caller waits until the bytes are durable, so nothing can change under
+            # the writer: write straight from the live tensors, no staging copy at all.
+            views = sources + [
+                torch.empty(shape, dtype=torch_dtype(dt))
+                for dt, shape in entry.specs[len(sources) :]
+            ]
+        else:
+            arena = self._pool.acquire(entry.nbytes)
+            try:
+                views = arena.views(entry.specs)
+                for src, dst in zip(sources, views):
+                    dst.copy_(src)
+            except BaseException:
+                self._pool.release(arena)
+                raise
         stall = time.perf_counter() - t0
         job = _Job(
             step, storage, root, entry, arena, views, rng, objects, lay.coords_key(), t0, stall
@@ -220,7 +234,8 @@ class Saver:
         except BaseException as e:  # reported to every rank below, raised in wait()
             local_exc, status = e, describe(e)
         finally:
-            self._pool.release(job.arena)
+            if job.arena is not None:
+                self._pool.release(job.arena)
         payload = {
             "status": status,
             "chunks": [[n, c.to_json()] for n, c in records],

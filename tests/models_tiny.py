@@ -28,7 +28,9 @@ SENTINEL = -1024.0  # a load target holds this before the load (exact in bf16; n
 # ----------------------------------------------------------------------- global tensors
 
 
-def gen(name: str, shape: Iterable[int], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gen(
+    name: str, shape: Iterable[int], seed: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A deterministic tensor for ``name`` (same bits in every process)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     t = torch.randn(tuple(shape), generator=g)
@@ -40,7 +42,9 @@ def gen(name: str, shape: Iterable[int], seed: int, dtype: torch.dtype = torch.f
 def adam_globals(params: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """Global Adam moments for every parameter: ``{"<name>.exp_avg": ..., ...}``."""
     return {
-        f"{n}.{k}": gen(f"{n}.{k}", p.shape, seed, p.dtype) for n, p in params.items() for k in ADAM_KEYS
+        f"{n}.{k}": gen(f"{n}.{k}", p.shape, seed, p.dtype)
+        for n, p in params.items()
+        for k in ADAM_KEYS
     }
 
 
@@ -77,7 +81,10 @@ def gpt_specs(layers: int) -> list[TSpec]:
             TSpec(p + "mlp.fc1.bias", (FFN,), "col"),
             TSpec(p + "mlp.fc2.weight", (HIDDEN, FFN), "row"),
         ]
-    specs += [TSpec("final_norm.weight", (HIDDEN,), "rep"), TSpec("head.weight", (VOCAB, HIDDEN), "vocab")]
+    specs += [
+        TSpec("final_norm.weight", (HIDDEN,), "rep"),
+        TSpec("head.weight", (VOCAB, HIDDEN), "vocab"),
+    ]
     return specs
 
 
@@ -166,7 +173,11 @@ def flat_offsets(shapes: Mapping[str, tuple[int, ...]], align: int) -> tuple[dic
 
 
 def flat_buffer(
-    globals_: Mapping[str, torch.Tensor], names: Mapping[str, str], align: int, total: int, fill: float
+    globals_: Mapping[str, torch.Tensor],
+    names: Mapping[str, str],
+    align: int,
+    total: int,
+    fill: float,
 ) -> torch.Tensor:
     """The whole flat buffer of ``total`` elements: ``globals_[names[n]]`` at n's offset."""
     offsets, _ = flat_offsets({n: tuple(globals_[g].shape) for n, g in names.items()}, align)
@@ -220,14 +231,18 @@ def adam_with_state(
 def _bits(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().contiguous()
     if t.is_floating_point():
-        return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        return t.view(
+            {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        )
     return t
 
 
 def assert_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     """Bit-exact equality (dtype, shape, every bit) with a message naming ``what``."""
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert tuple(got.shape) == tuple(want.shape), (
+        f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    )
     a, b = _bits(got), _bits(want)
     if not torch.equal(a, b):
         bad = (a != b).nonzero()
@@ -238,7 +253,9 @@ def assert_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
         )
 
 
-def assert_local(got: torch.Tensor, want: torch.Tensor, pad: torch.Tensor | None, what: str) -> None:
+def assert_local(
+    got: torch.Tensor, want: torch.Tensor, pad: torch.Tensor | None, what: str
+) -> None:
     """Live elements bit-exact; padding either untouched (SENTINEL) or zero-filled."""
     if pad is None or not bool(pad.any()):
         assert_bits(got, want, what)

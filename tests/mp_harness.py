@@ -181,7 +181,10 @@ def run(
     seconds, with every child's stacks.
     """
     store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
         timeout=datetime.timedelta(seconds=timeout),
     )
     logdir = tempfile.mkdtemp(prefix="ckpt-mp-")

@@ -70,6 +70,15 @@ def test_fresh_optimizer_without_state_is_filled(tmp_path):
         assert torch.equal(s1[pid]["step"], s2[pid]["step"])
 
 
+def test_blocking_save_writes_from_live_tensors_without_staging(tmp_path):
+    state = {"w": torch.randn(512, 512)}
+    ckpt.save(state, 1, str(tmp_path))
+    assert ckpt.api._get_saver()._pool._free[0].buf.numel() == 0  # no arena was needed
+    out = {"w": torch.zeros(512, 512)}
+    ckpt.load(out, str(tmp_path))
+    assert torch.equal(out["w"], state["w"])
+
+
 def test_async_snapshot_is_isolated_from_later_updates(tmp_path):
     t = torch.arange(1 << 16, dtype=torch.float32)
     state = {"w": t}
@@ -83,7 +92,7 @@ def test_async_snapshot_is_isolated_from_later_updates(tmp_path):
 
 def test_staging_memory_is_reused_across_saves(tmp_path):
     state = {"a": torch.randn(256, 256), "b": torch.randn(1000)}
-    ckpt.save(state, 1, str(tmp_path))
+    ckpt.save(state, 1, str(tmp_path), blocking=False).wait()
     saver = ckpt.api._get_saver()
     arena = saver._pool._free[0]
     ptr = arena.buf.data_ptr()
@@ -95,7 +104,7 @@ def test_staging_memory_is_reused_across_saves(tmp_path):
 def test_staging_budget_too_small_is_a_clear_error(tmp_path):
     ckpt.configure(staging_budget_bytes=1024)
     with pytest.raises(StagingBudgetError, match="staging_budget_bytes"):
-        ckpt.save({"a": torch.randn(1024)}, 1, str(tmp_path))
+        ckpt.save({"a": torch.randn(1024)}, 1, str(tmp_path), blocking=False)
     assert not os.path.exists(tmp_path / "step-000000001")
 
 
