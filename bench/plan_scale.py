@@ -59,13 +59,18 @@ def rank_layouts(tp: int, pp: int, dp: int, layers: int) -> list[RankLayout]:
                             pl = Split(dim, t, tp)
                         ms, ps = pl.resolve(name, tuple(local), "bfloat16")
                         metas.update({m.name: m for m in ms})
-                        entries.append(LocalEntry(f"model.layers.{i}.{suffix}", tuple(local), "bfloat16", ps))
+                        entries.append(
+                            LocalEntry(f"model.layers.{i}.{suffix}", tuple(local), "bfloat16", ps)
+                        )
                         flat_params.append((name, tuple(local), tuple(shape), tuple(offs)))
                 total = FlatShard.flat_size([(n, s) for n, s, _, _ in flat_params], align=128)
                 lo, hi = total * d // dp, total * (d + 1) // dp
                 for kind in ("master", "exp_avg", "exp_avg_sq"):
                     fs = FlatShard.pack(
-                        [FlatParam(f"optim.{n}.{kind}", s, 0, gs, go) for n, s, gs, go in flat_params],
+                        [
+                            FlatParam(f"optim.{n}.{kind}", s, 0, gs, go)
+                            for n, s, gs, go in flat_params
+                        ],
                         lo,
                         align=128,
                     )
@@ -91,12 +96,18 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     n_tensors = len({m.name for lay in lays for m in lay.tensors})
     n_pieces = sum(len(e.pieces) for lay in lays for e in lay.entries)
-    print(f"ranks={len(lays)} logical tensors={n_tensors} pieces={n_pieces} (built in {build_s:.1f} s)")
+    print(
+        f"ranks={len(lays)} logical tensors={n_tensors} pieces={n_pieces} "
+        f"(built in {build_s:.1f} s)"
+    )
     t0 = time.perf_counter()
     wire = [json.dumps(layout_to_json(lay)) for lay in lays]
     lays = [layout_from_json(json.loads(w)) for w in wire]
     ser_s = time.perf_counter() - t0
-    print(f"serialize + parse all layouts (the one gather): {ser_s:.2f} s, {sum(map(len, wire)) / 2**20:.0f} MiB")
+    print(
+        "serialize + parse all layouts (the one gather): "
+        f"{ser_s:.2f} s, {sum(map(len, wire)) / 2**20:.0f} MiB"
+    )
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -104,8 +115,10 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     chunks = sum(len(r.chunks) for r in plan.ranks)
     transfers = sum(len(r.sends) for r in plan.ranks)
-    print(f"build_save_plan: median {statistics.median(times):.2f} s over {args.repeats} "
-          f"(chunks={chunks}, boundary transfers={transfers})")
+    print(
+        f"build_save_plan: median {statistics.median(times):.2f} s over {args.repeats} "
+        f"(chunks={chunks}, boundary transfers={transfers})"
+    )
     stored = {
         n: StoredTensor(tp.meta, tp.grid.chunk_shape, frozenset(tp.grid.indices()))
         for n, tp in plan.tensors.items()

@@ -99,7 +99,9 @@ def test_inspect(root: Path) -> None:
     w = tensors["w"]
     assert w["dtype"] == "float32" and w["shape"] == [1024, 768] and not w["packed"]
     assert w["chunks"] == w["grid_chunks"] == 4 and w["chunk_shape"] == [256, 768]
-    assert w["logical_bytes"] == 1024 * 768 * 4 and w["codec"] == "raw"  # auto: random fp32 does not pay
+    assert (
+        w["logical_bytes"] == 1024 * 768 * 4 and w["codec"] == "raw"
+    )  # auto: random fp32 does not pay
     assert tensors["half"]["dtype"] == "bfloat16" and tensors["half"]["packed"]
     assert tensors["count"]["shape"] == [] and tensors["count"]["dtype"] == "int64"
     assert out["stored_bytes"] == sum(t["stored_bytes"] for t in out["tensors"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from ckptd.errors import CommitConflictError, IntegrityError, NotCommittedError
 from ckptd.formats.commit import (
     LATEST_KEY,
     commit,
@@ -20,8 +22,6 @@ from ckptd.formats.commit import (
     uncommitted_steps,
 )
 from ckptd.formats.storage import FaultPlan, FaultyStorage, LocalStorage, MemoryStorage, Storage
-
-from ckptd.errors import CommitConflictError, IntegrityError, NotCommittedError
 
 
 @pytest.fixture(params=["memory", "local"])

@@ -32,9 +32,9 @@ rename_stmt: "rename" ":" PATTERN "->" target
 stage_stmt: "stage" BRACED ":" PATTERN "->" target
 axis_stmt: "on" NAME BRACED ":" PATTERN "->" target
 target: PATTERN ("[" NAME "]")?
-rule_stmt: PATTERN ":" transform+
+rule_stmt: PATTERN ":" xform+
 
-transform: NAME ("(" [arg ("," arg)*] ")")?
+xform: NAME ("(" [arg ("," arg)*] ")")?
 arg: NAME "=" value   -> kwarg
    | value            -> posarg
 ?value: expr | parts
@@ -254,7 +254,7 @@ class _Build(Transformer):
         return ast.Rule(self._pattern(c[0], source=True), tuple(c[1:]), self._mloc(meta),
                         self._line_text(meta))
 
-    def transform(self, meta, c):
+    def xform(self, meta, c):
         args = tuple(a for a in c[1:] if a is not None)
         return ast.Transform(str(c[0]), args, self._tloc(c[0]))
 
