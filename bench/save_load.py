@@ -476,6 +476,49 @@ def case_ckpt_load(builder: StateBuilder, workdir: Path) -> Metrics:
     return load_loop(builder, workdir, lambda st, src: ckpt.load(st, root=str(src), step=0))
 
 
+def _resharded_view(state: State, parts: int = 3) -> tuple[dict[str, Any], Any]:
+    """The same tensors seen as ``parts`` uneven row shards (torch.chunk) in one process.
+
+    Every tensor with rows is replaced by row-slice *views* keyed ``<key>#<i>`` with an
+    uneven ``Split`` placement and a rename back to ``<key>``: loading into them fills
+    the original tensors through a layout the checkpoint was not written with (chunk
+    boundaries do not line up), which is what a resharded restart does per rank.
+    """
+    ckpt = _ckpt()
+    flat: dict[str, Any] = {}
+    rules: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for k, v in obj.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] >= parts:
+                for i, view in enumerate(torch.chunk(v, parts, dim=0)):
+                    flat[f"{key}#{i}"] = view
+                    rules[f"{key}#{i}"] = ckpt.Split(
+                        0, i, parts, global_size=v.shape[0], uneven=True
+                    )
+            else:
+                flat[key] = v
+
+    walk(state, "")
+    layout = ckpt.Layout(rules=rules, rename=lambda k: k.split("#", 1)[0])
+    return flat, layout
+
+
+@register("ckpt.load_resharded", prepare=prepared_by(_ckpt_save_prepared, requires=_ckpt))
+def case_ckpt_load_resharded(builder: StateBuilder, workdir: Path) -> Metrics:
+    """``ckpt.load`` through a 3-way uneven row split (a layout the save did not use)."""
+    ckpt = _ckpt()
+
+    def load(state: State, src: Path) -> None:
+        flat, layout = _resharded_view(state)
+        ckpt.load(flat, root=str(src), step=0, layout=layout, strict=True)
+
+    return load_loop(builder, workdir, load)
+
+
 # ----------------------------------------------------------------------------- driver
 def kind_of(name: str) -> str:
     """'copy', 'load' or 'save' (used to pick the reference row)."""
@@ -487,6 +530,7 @@ def select(spec: str | None) -> list[str]:
     if not spec:
         return list(CASES)
     toks = [s.strip() for s in spec.split(",") if s.strip()]
+
     def hit(n: str, t: str) -> bool:
         return n == t or n.startswith((t + ":", t + "."))
 
@@ -532,6 +576,7 @@ def run_child(name: str, phase: str, workdir: Path, args: argparse.Namespace) ->
 
 def report(results: dict[str, Metrics]) -> str:
     """Markdown table with ratios vs plain copy (stall) and vs DCP (total)."""
+
     def ref(name: str) -> float | None:
         r = results.get(name, {})
         return r.get("total_s") if "total_s" in r else None

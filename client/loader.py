@@ -22,12 +22,12 @@ import torch
 from ckpt.config import Config
 from ckpt.dist import DistContext
 from ckptd.errors import MissingKeysError, StateMergeError
-from ckptd.execute import apply_reads
+from ckptd.execute import apply_reads, piece_view
 from ckptd.formats.manifest import Manifest
 from ckptd.formats.reader import CheckpointReader
 from ckptd.formats.storage import Storage
 from ckptd.layout import Layout, build_rank_layout, local_tensor
-from ckptd.planner import build_load_plan
+from ckptd.planner import ChunkRead, build_load_plan
 from ckptd.rng import pick_rng_source, restore_rng
 from ckptd.statedict import FlatState, flatten_state
 
@@ -113,6 +113,17 @@ def load_state(
         nbytes,
         time.perf_counter() - t0,
     )
+
+
+def _direct_destination(r: ChunkRead, locals_: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The destination view if one copy fills it with the whole chunk, contiguously."""
+    if len(r.copies) != 1:
+        return None
+    op = r.copies[0]
+    if op.chunk_region.lengths != r.box.lengths:
+        return None
+    dest = piece_view(locals_[op.key], op.piece)[op.piece_region.slices()]
+    return dest if dest.is_contiguous() and dest.device.type == "cpu" else None
 
 
 def _global_unexpected(man: Manifest, lay: Any, flat: FlatState, ctx: DistContext) -> set[str]:

@@ -95,6 +95,24 @@ class CheckpointReader:
                 f"{len(missing)} object(s) needed by this load, e.g. {missing[:5]}"
             )
 
+    def read_chunk_into(self, name: str, index: tuple[int, ...], dest: torch.Tensor) -> bool:
+        """Read a raw, unpadded chunk straight into contiguous ``dest``; False if the chunk
+        needs decoding or padding removal (the caller then uses :meth:`read_chunk`)."""
+        rec = self.manifest.tensors[name]
+        c = self._chunks[name][index]
+        nbytes = dest.numel() * dest.element_size()
+        if rec.codec != "raw" or not dest.is_contiguous() or c.length != nbytes:
+            return False
+        where = f"tensor {name!r} chunk {list(index)} ({self.prefix}{c.object})"
+        out = memoryview(dest.reshape(-1).view(torch_dtype("uint8")).numpy()).cast("B")
+        try:
+            got = self.storage.get_into(self.prefix + c.object, c.offset, out)
+        except ObjectNotFoundError as e:
+            raise IntegrityError(f"{where}: object is missing") from e
+        if got != c.length or crc32c(out) != c.crc32c:
+            raise IntegrityError(f"{where}: checksum mismatch (stored bytes are corrupt)")
+        return True
+
     def read_chunk(self, name: str, index: tuple[int, ...], box: Box) -> torch.Tensor:
         """Read, verify and decode one chunk; returns a tensor of ``box.lengths``."""
         rec = self.manifest.tensors[name]

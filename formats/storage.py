@@ -68,6 +68,15 @@ class Storage(ABC):
             raise ValueError(f"invalid byte range [{start}, {end}) for key {key!r}")
         return self._get_range(validate_key(key), start, end)
 
+    def get_into(self, key: str, start: int, out: memoryview) -> int:
+        """Read bytes ``[start, start + len(out))`` of the object into ``out``; return the
+        count read (short at the end of the object). Lets readers fill a destination
+        tensor without an intermediate copy; backends without a zero-copy path copy once.
+        """
+        data = self.get_range(key, start, start + out.nbytes)
+        out[: len(data)] = data
+        return len(data)
+
     def put(self, key: str, data: Buffer) -> None:
         """Atomically and durably write (or replace) an object.
 
@@ -250,6 +259,22 @@ class LocalStorage(Storage):
                     parts.append(part)
                     start += len(part)
                 return parts[0] if len(parts) == 1 else b"".join(parts)
+            finally:
+                os.close(fd)
+
+    def get_into(self, key: str, start: int, out: memoryview) -> int:
+        """``preadv`` straight into ``out`` (no intermediate bytes object)."""
+        validate_key(key)
+        with self._mapped("get_into", key, missing=True):
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                done, view = 0, out.cast("B")
+                while done < view.nbytes:
+                    n = os.preadv(fd, [view[done:]], start + done)
+                    if n == 0:
+                        break
+                    done += n
+                return done
             finally:
                 os.close(fd)
 

@@ -357,14 +357,11 @@ def test_zero3_flat_params_dp4_to_dp3(tmp_path):
 # =============================== 6/7. Pipeline stages, TP x PP x DP (flat dict with Adam)
 
 
-def _stage_of(name: str, layers: int, pp: int) -> tuple[int, int]:
-    """(stage, first global layer of that stage) for a logical name."""
-    per = layers // pp
+def _stage_of(name: str, layers: int, pp: int) -> int:
+    """The pipeline stage holding a logical tensor: embedding first, head last."""
     if name.startswith("layers."):
-        s = int(name.split(".")[1]) // per
-    else:
-        s = 0 if name.startswith("embed.") else pp - 1
-    return s, s * per
+        return int(name.split(".")[1]) // (layers // pp)
+    return 0 if name.startswith("embed.") else pp - 1
 
 
 def _local_key(name: str, first: int) -> str:
@@ -383,8 +380,7 @@ def _mega_state(specs, seed, tp, pp, coords, load, layers):
     rules, expect = {}, {}
     first = p_rank * (layers // pp)
     for s in specs:
-        stage, _ = _stage_of(s.name, layers, pp)
-        if stage != p_rank:
+        if _stage_of(s.name, layers, pp) != p_rank:
             continue
         lk = _local_key(s.name, first)
         pl = tp_placement(s, t_rank, tp)
@@ -411,17 +407,13 @@ def _mega_check(state, expect, what) -> None:
 PP_SPECS = gpt_specs(layers=4)
 
 
-def _pp_coords(rank: int, world: int) -> dict[str, int]:
-    return {"pp": rank}
-
-
 def _pp_save(rank: int, world: int, root: str) -> None:
-    state, layout, _ = _mega_state(PP_SPECS, 30, 1, world, _pp_coords(rank, world), False, 4)
+    state, layout, _ = _mega_state(PP_SPECS, 30, 1, world, {"pp": rank}, False, 4)
     ckpt.save(state, 9, root, blocking=False, layout=layout).wait()
 
 
 def _pp_load(rank: int, world: int, root: str) -> None:
-    state, layout, expect = _mega_state(PP_SPECS, 30, 1, world, _pp_coords(rank, world), True, 4)
+    state, layout, expect = _mega_state(PP_SPECS, 30, 1, world, {"pp": rank}, True, 4)
     # strict: the other stage's tensors are in the checkpoint but not "unexpected" here
     res = ckpt.load(state, root, strict=True, layout=layout)
     assert res.unexpected == () and res.missing == (), res
@@ -466,7 +458,7 @@ def _pp_module(rank: int, pp: int, load: bool):
     params, moments = _gpt_globals(PP_SPECS, seed=50)
     by = {s.name: s for s in PP_SPECS}
     first = rank * (4 // pp)
-    names = [s.name for s in PP_SPECS if _stage_of(s.name, 4, pp)[0] == rank]
+    names = [s.name for s in PP_SPECS if _stage_of(s.name, 4, pp) == rank]
     fill = SENTINEL if load else SAVE_FILL
     lp = {_local_key(n, first): tp_local(by[n], params[n], 0, 1, fill) for n in names}
     lm = {

@@ -73,6 +73,15 @@ class StorageTests:
         for (start, end), expected in cases.items():
             assert storage.get_range("r", start, end) == expected, (start, end)
 
+    def test_get_into(self, storage: Storage) -> None:
+        storage.put("r", b"0123456789")
+        buf = bytearray(4)
+        assert storage.get_into("r", 3, memoryview(buf)) == 4 and buf == b"3456"
+        tail = bytearray(b"xxxx")
+        assert storage.get_into("r", 8, memoryview(tail)) == 2 and tail[:2] == b"89"
+        with pytest.raises(FileNotFoundError):
+            storage.get_into("nope/x", 0, memoryview(bytearray(2)))
+
     def test_get_range_rejects_inverted_range(self, storage: Storage) -> None:
         storage.put("r", b"0123")
         with pytest.raises(ValueError):

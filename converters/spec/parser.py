@@ -12,7 +12,13 @@ import re
 from functools import lru_cache
 
 from lark import Lark, Token, Transformer, Tree, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import (
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+    VisitError,
+)
 
 from ckptd.converters.spec import ast
 from ckptd.converters.spec.errors import Loc, SpecError
@@ -24,14 +30,14 @@ _stmt: vars_stmt | let_stmt | include_stmt | drop_stmt | rename_stmt | stage_stm
      | axis_stmt | rule_stmt
 
 vars_stmt: "vars" ":" var_decl ("," var_decl)*
-var_decl: NAME ("=" expr)?
+var_decl: NAME ["=" expr]
 let_stmt: "let" NAME "=" expr
 include_stmt: "include" ":" PATH
 drop_stmt: "drop" ":" PATTERN ("," PATTERN)*
 rename_stmt: "rename" ":" PATTERN "->" target
 stage_stmt: "stage" BRACED ":" PATTERN "->" target
 axis_stmt: "on" NAME BRACED ":" PATTERN "->" target
-target: PATTERN ("[" NAME "]")?
+target: PATTERN ["[" NAME "]"]
 rule_stmt: PATTERN ":" xform+
 
 xform: NAME ("(" [arg ("," arg)*] ")")?
@@ -104,8 +110,10 @@ def parse_spec(text: str, file: str = "<string>", path: str | None = None) -> as
         raise _syntax_error(e, file, lines) from None
     try:
         stmts = _Build(file, text).transform(tree)
-    except SpecError as e:
-        raise _with_source(e, lines) from None
+    except VisitError as e:
+        if isinstance(e.orig_exc, SpecError):
+            raise _with_source(e.orig_exc, lines) from None
+        raise
     return ast.Spec(file, tuple(stmts.children), lines, path)
 
 
@@ -117,7 +125,10 @@ def parse_expr(text: str, loc: Loc) -> Expr:
         col = loc.column + max(getattr(e, "column", 1), 1) - 1
         inner = _syntax_error(e, loc.file, (text,))
         raise SpecError(inner.message, Loc(loc.file, loc.line, col)) from None
-    out = _Build(loc.file, text, base=loc).transform(tree)
+    try:
+        out = _Build(loc.file, text, base=loc).transform(tree)
+    except VisitError as e:  # pragma: no cover - expressions raise nothing while building
+        raise e.orig_exc from None
     assert not isinstance(out, Tree)
     return out
 
@@ -174,7 +185,8 @@ class _Build(Transformer):
         return self._loc(tok.line or 1, tok.column or 1)
 
     def _line_text(self, meta) -> str:
-        return self.text[meta.start_pos:meta.end_pos].strip()
+        raw = self.text[meta.start_pos:meta.end_pos]
+        return " ".join(re.sub(r"\\[\t ]*\r?\n", " ", raw).split())
 
     # ------------------------------------------------------------ expressions
     def num(self, meta, c):
