@@ -161,12 +161,23 @@ def _optimizer(
 
     mkey, model = owner
     osd = get_optimizer_state_dict(model, optim)  # initializes lazily-created state
+    # Param-group "params" lists name this rank's parameters (stage-local under PP):
+    # they describe the layout, not the state. Keep the loading optimizer's own lists
+    # and store only the hyperparameters, so a layout change needs no merge rule.
+    groups = osd.get("param_groups", [])
+    own_params = [g.pop("params", []) for g in groups]
     for fqn, per_param in osd.get("state", {}).items():
         for sname, t in per_param.items():
             if isinstance(t, torch.Tensor):
                 flat.param_of[validate_state_key(f"{key}.state.{fqn}.{sname}")] = f"{mkey}.{fqn}"
     _walk(osd, key + ".", flat, modules)
-    flat._finalizers.append(lambda: set_optimizer_state_dict(model, optim, osd))
+
+    def restore() -> None:
+        for g, params in zip(osd.get("param_groups", []), own_params):
+            g["params"] = params
+        set_optimizer_state_dict(model, optim, osd)
+
+    flat._finalizers.append(restore)
 
 
 def _owning_module(

@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from ckpt.config import Config, ConfigError, from_env
-from ckpt.dist import context
+from ckpt.dist import context, reset_context
 from ckpt.loader import LoadResult, MergeRule, load_state
 from ckpt.saver import SaveHandle, Saver, SaveResult
 from ckptd.formats.storage import Storage, open_storage
@@ -108,6 +108,7 @@ def shutdown() -> None:
             for st in _storages.values():
                 st.close()
             _storages.clear()
+            reset_context()  # a later torch.distributed world gets fresh groups
 
 
 def _get_saver() -> Saver:

@@ -30,6 +30,7 @@ class DistContext:
     world: int
     plan_group: Any = None
     bg_group: Any = None
+    default_group: Any = None  # the torch.distributed world these groups belong to
 
     @property
     def distributed(self) -> bool:
@@ -103,15 +104,16 @@ def context(timeout_s: float) -> DistContext:
             # (serializing async saves and re-raising an old save's error forever).
             return _LOCAL
         rank, world = dist.get_rank(), dist.get_world_size()
-        if _cached is not None and _cached.world == world and _cached.rank == rank:
-            return _cached
         if world == 1:
-            _cached = DistContext(0, 1)
+            return _LOCAL
+        world_group = dist.distributed_c10d._get_default_group()
+        # Groups of a destroyed and re-created world are dead: reuse only the same world.
+        if _cached is not None and _cached.default_group is world_group:
             return _cached
         td = datetime.timedelta(seconds=timeout_s)
         plan_group = dist.new_group(backend="gloo", timeout=td)
         bg_group = dist.new_group(backend="gloo", timeout=td)
-        _cached = DistContext(rank, world, plan_group, bg_group)
+        _cached = DistContext(rank, world, plan_group, bg_group, world_group)
         return _cached
 
 

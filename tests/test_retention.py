@@ -7,11 +7,12 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from ckptd.formats.commit import commit, committed_steps, latest_step, step_dir, uncommitted_steps
 from ckptd.formats.retention import BackgroundGC, RetentionPolicy, apply_retention
 from ckptd.formats.storage import FaultPlan, FaultyStorage, MemoryStorage, Storage
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def save(storage: Storage, step: int) -> None:

@@ -11,6 +11,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from ckptd.errors import CommitConflictError, InvalidKeyError, StorageError
 from ckptd.formats.keys import join_key, validate_key, validate_name
 from ckptd.formats.storage import (
     FaultPlan,
@@ -22,8 +24,6 @@ from ckptd.formats.storage import (
     Storage,
     open_storage,
 )
-
-from ckptd.errors import CommitConflictError, InvalidKeyError, StorageError
 
 BAD_KEYS = [
     "",

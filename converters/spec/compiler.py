@@ -273,7 +273,8 @@ def compile_spec(spec: SpecSource | Iterable[SpecSource], variables: Mapping[str
     default 1). ``coords``: this rank's coordinates ``{"tp": r, "pp": s, ...}``
     (default 0). ``prefix``: removed from keys before matching (``"model."`` when the
     model sits under that key in the state); keys outside it are left alone.
-    A ``str`` is a path if it ends in ``.ckspec`` and has no newline, else spec text.
+    A ``str`` is a path if it ends in ``.ckspec`` and has no newline and no ``:``
+    (which every statement has); otherwise it is spec text.
     """
     if isinstance(spec, (str, os.PathLike, ast.Spec)):
         sources: list[SpecSource] = [spec]
@@ -290,7 +291,7 @@ def load_spec(source: SpecSource) -> ast.Spec:
     if isinstance(source, ast.Spec):
         return source
     if isinstance(source, os.PathLike) or (
-            "\n" not in source and source.rstrip().endswith(".ckspec")):
+            "\n" not in source and ":" not in source and source.strip().endswith(".ckspec")):
         path = Path(source)
         try:
             text = path.read_text()

@@ -146,7 +146,7 @@ class CompiledRule:
                 raise SpecError(
                     f"{key!r}: padded length {padded} on dim {p.dim} (tp={p.count} x "
                     f"{shape[p.dim]}) is not size {p.size} rounded up to a multiple of "
-                    f"{p.multiple} ({expect})", pad.loc)
+                    f"{p.multiple} ({expect})", _vloc(pad))
         return Split(p.dim, p.index, p.count, p.size)
 
     def _part_block(self, p: Params, key: str, shape: tuple[int, ...] | None, part: str,
