@@ -125,9 +125,14 @@ def merge_tensor_metas(layouts: Sequence[RankLayout]) -> dict[str, TensorMeta]:
 
 
 def build_save_plan(
-    layouts: Sequence[RankLayout], options: PlanOptions = PlanOptions()
+    layouts: Sequence[RankLayout],
+    options: PlanOptions = PlanOptions(),
+    validated: bool = False,
 ) -> SavePlan:
     """Plan a save from every rank's layout: writers, chunk grids, transfers, chunk tasks.
+
+    ``validated=True`` skips re-checking each rank's own layout (every rank validated it
+    before the gather); overlaps and coverage across ranks are always checked.
 
     Raises :class:`LayoutError`/:class:`ReshardError` before any byte moves if a layout is
     inconsistent, pieces overlap without being identical replicas, or a logical tensor
@@ -137,8 +142,9 @@ def build_save_plan(
     if sorted(lay.rank for lay in layouts) != list(range(world)):
         raise LayoutError(f"layouts must be given for ranks 0..{world - 1} exactly once")
     layouts = sorted(layouts, key=lambda lay: lay.rank)
-    for lay in layouts:
-        lay.validate()
+    if not validated:  # each rank validated its own layout before the gather
+        for lay in layouts:
+            lay.validate()
     metas = merge_tensor_metas(layouts)
 
     # Unique pieces: identical (name, global box) on several ranks are replicas.
@@ -178,7 +184,7 @@ def build_save_plan(
         )
         grid = ChunkGrid(meta.shape, cshape)
         tensors[name] = TensorPlan(meta, grid, aligned)
-        _plan_chunks(name, meta, grid, boxes, writer_of, chunks, transfers)
+        _plan_chunks(name, meta, grid, boxes, writer_of, chunks, transfers, aligned)
 
     sends: list[list[Transfer]] = [[] for _ in range(world)]
     recvs: list[list[Transfer]] = [[] for _ in range(world)]
@@ -207,10 +213,14 @@ def _plan_chunks(
     writer_of: Mapping[tuple[str, Box], int],
     chunks: list[list[ChunkTask]],
     transfers: list[Transfer],
+    aligned: bool,
 ) -> None:
     """Assign every chunk of one tensor an owner; check coverage; add transfers."""
     if meta.numel == 0:
         # Nothing to store, but a zarr array still exists: rank 0 writes no chunk.
+        return
+    if aligned:
+        _plan_aligned(name, grid, boxes, writer_of, chunks)
         return
     parts: dict[ChunkIndex, list[tuple[Box, int]]] = defaultdict(list)
     for box in boxes:
@@ -225,11 +235,7 @@ def _plan_chunks(
         covered = sum(b.numel for b, _ in got)
         _check_disjoint(name, got)
         if covered != cbox.numel:
-            raise ReshardError(
-                f"tensor {name!r} is not fully covered by the saved pieces: chunk {list(idx)} "
-                f"(box {cbox.offsets}+{cbox.lengths}) has {covered} of {cbox.numel} elements; "
-                "declare the missing shards or pass a layout that covers the tensor"
-            )
+            raise _not_covered(name, idx, cbox, covered)
         bytes_by_rank: dict[int, int] = defaultdict(int)
         for b, w in got:
             bytes_by_rank[w] += b.numel
@@ -238,6 +244,40 @@ def _plan_chunks(
         for b, w in got:
             if w != owner:
                 transfers.append(Transfer(name, b, w, owner))
+
+
+def _plan_aligned(
+    name: str,
+    grid: ChunkGrid,
+    boxes: list[Box],
+    writer_of: Mapping[tuple[str, Box], int],
+    chunks: list[list[ChunkTask]],
+) -> None:
+    """Aligned grid: every chunk lies inside exactly one box, so a chunk claimed twice is
+    an overlap and an unclaimed chunk a hole; no box intersections are needed."""
+    owner: dict[ChunkIndex, int] = {}
+    for box in boxes:
+        w = writer_of[(name, box)]
+        for idx in grid.touching(box):
+            if idx in owner:  # two distinct unique pieces cover the same chunk
+                raise ReshardError(
+                    f"tensor {name!r}: pieces overlap without being identical replicas "
+                    f"(ranks {owner[idx]} and {w} both hold chunk {list(idx)})"
+                )
+            owner[idx] = w
+    for idx in grid.indices():
+        w = owner.get(idx)
+        if w is None:
+            raise _not_covered(name, idx, grid.chunk_box(idx), 0)
+        chunks[w].append(ChunkTask(name, idx, grid.chunk_box(idx)))
+
+
+def _not_covered(name: str, idx: ChunkIndex, cbox: Box, covered: int) -> ReshardError:
+    return ReshardError(
+        f"tensor {name!r} is not fully covered by the saved pieces: chunk {list(idx)} "
+        f"(box {cbox.offsets}+{cbox.lengths}) has {covered} of {cbox.numel} elements; "
+        "declare the missing shards or pass a layout that covers the tensor"
+    )
 
 
 def _check_disjoint(name: str, parts: list[tuple[Box, int]]) -> None:

@@ -211,7 +211,7 @@ class Saver:
         samples = _compressibility(lay, flat, policy) if policy.codec == "auto" else {}
         raw = self.ctx.all_gather((layout_to_json(lay), samples))
         layouts = tuple(layout_from_json(o) for o, _ in raw)
-        plan = build_save_plan(layouts, self.config.plan)
+        plan = build_save_plan(layouts, self.config.plan, validated=True)
         totals: dict[str, list[int]] = {}
         for _, smp in raw:
             for name, (c, n) in smp.items():

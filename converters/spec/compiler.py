@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.converters.spec import ast
-from ckptd.converters.spec.errors import Loc, SpecCoverageError, SpecError
+from ckptd.converters.spec.errors import (
+    Loc,
+    MissingVariableError,
+    SpecCoverageError,
+    SpecError,
+)
 from ckptd.converters.spec.expr import Value
 from ckptd.converters.spec.parser import parse_spec
 from ckptd.converters.spec.patterns import Matcher, check_target, compile_pattern, render
@@ -70,6 +75,7 @@ class CompiledSpec:
         self._lines = {s.file: s.lines for s in specs}
         self._variables = dict(variables)
         self.scope = Scope(self._variables, self.coords)
+        self._param_cache: dict[int, Params] = {}
         stmts = [st for s in specs for st in s.statements]
         rules: list[CompiledRule] = []
         renames: list[_Rename] = []
@@ -98,7 +104,11 @@ class CompiledSpec:
 
     def resolve(self, key: str) -> tuple[str, str | None]:
         """``(logical name, fused part or None)`` of ``key``."""
-        name, part = key, None
+        name, part, _ = self._resolve(key)
+        return name, part
+
+    def _resolve(self, key: str) -> tuple[str, str | None, Loc | None]:
+        name, part, part_loc = key, None, None
         with self._located():
             for r in self._renames:
                 hit = r.matcher.search(name)
@@ -110,8 +120,8 @@ class CompiledSpec:
                 new = render(r.stmt.target, lambda n, loc, c=caps: self.scope.lookup(n, loc, c))
                 name = name[:start] + new + name[end:]
                 if r.stmt.part is not None:
-                    part = r.stmt.part
-        return name, part
+                    part, part_loc = r.stmt.part, r.stmt.part_loc
+        return name, part, part_loc
 
     def _strip(self, name: str) -> str:
         return name[len(self.prefix):] if name.startswith(self.prefix) else name
@@ -193,10 +203,8 @@ class CompiledSpec:
                 continue
             rule, caps = hits[0]
             params = self._params(rule, caps)
-            _, part = self.resolve(key)
+            _, part, part_loc = self._resolve(key)
             shape = shapes.get(key)
-            part_loc = next((r.stmt.part_loc for r in self._renames if r.stmt.part == part),
-                            None)
             with self._located():
                 pl = rule.placement(params, key, tuple(shape) if shape is not None else None,
                                     part, part_loc)
@@ -233,15 +241,19 @@ class CompiledSpec:
     def _params(self, rule: CompiledRule, caps: Mapping[str, Value],
                 eager: bool = False) -> Params:
         """Evaluate ``rule``'s arguments; with ``eager``, missing variables are deferred."""
-        from ckptd.converters.spec.errors import MissingVariableError
-
+        cacheable = not rule.uses_captures
+        if cacheable and id(rule) in self._param_cache:
+            return self._param_cache[id(rule)]
         with self._located():
             try:
-                return rule.params(self.scope, caps)
+                params = rule.params(self.scope, caps)
             except MissingVariableError:
                 if eager:
                     return Params("deferred")
                 raise
+        if cacheable:
+            self._param_cache[id(rule)] = params
+        return params
 
     def _located(self) -> _AddSource:
         return _AddSource(self._lines)

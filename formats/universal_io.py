@@ -1,0 +1,477 @@
+"""Streaming I/O of the universal format, one whole logical tensor at a time.
+
+For tools that hold one process and a stream of whole tensors (``ckpt-convert``,
+exporters), as opposed to :mod:`ckpt.saver`, which plans pieces across ranks.
+What lands is the same format (docs/format.md): chunk objects and packs written by
+:class:`~ckptd.formats.writer.CheckpointWriter`, the manifest, then the commit marker.
+
+Writer call order (one process, one writer per step)::
+
+    w = UniversalWriter(storage, step, ...)        # or UniversalWriter.resume(...)
+    for name, tensor in stream:
+        if not w.is_done(name):                    # skipped after a resume
+            w.add(name, tensor)                    # blocks until durable (see add)
+    w.set_state({...})                             # optional, any time before commit
+    w.commit()                                     # manifest, COMMITTED, latest
+
+Resumability: after every tensor (large) or batch of packed tensors (small) becomes
+durable, the writer records its chunk records in the sidecar
+``step-N/.convert-progress.json`` (one atomic ``put``). :meth:`UniversalWriter.resume`
+reads it, re-verifies the CRC32C of every recorded chunk against the stored bytes, and
+reports the verified tensors as done; chunks of tensors that were not recorded are
+simply written again (their keys are deterministic, puts replace atomically). The
+sidecar is deleted after the commit. Nothing here is visible to readers before the
+commit marker exists.
+
+Memory: :meth:`UniversalWriter.add` returns only after the tensor's chunks are
+durable, or (tensors of at most ``small_tensor_bytes``, which go to packs) after they
+were encoded into a pack buffer of at most ~64 MiB. The caller may drop the tensor as
+soon as ``add`` returns; the writer keeps only small packed tensors alive until their
+pack is flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from ckptd.chunking import ChunkGrid, choose_chunk_shape
+from ckptd.dtypes import dtype_name, itemsize_of, torch_dtype
+from ckptd.errors import CkptError, CommitConflictError, IntegrityError, InvalidKeyError
+from ckptd.formats import commit as commit_mod
+from ckptd.formats.chunkcodec import CodecPolicy, crc32c, sample_sizes
+from ckptd.formats.keys import validate_key
+from ckptd.formats.manifest import (
+    GROUP_META_KEY,
+    ChunkRecord,
+    Manifest,
+    TensorRecord,
+    group_metadata_bytes,
+)
+from ckptd.formats.reader import CheckpointReader
+from ckptd.formats.storage import ObjectNotFoundError, Storage
+from ckptd.formats.writer import PACK_TARGET_BYTES, CheckpointWriter, WriterOptions, is_packed
+from ckptd.fragments import Box, TensorMeta
+from ckptd.planner import PlanOptions
+from ckptd.statedict import validate_state_key
+
+PROGRESS_NAME = ".convert-progress.json"
+PROGRESS_VERSION = 1
+
+
+class ResumeMismatchError(CkptError, ValueError):
+    """An interrupted write cannot be resumed: it was started for different inputs."""
+
+
+# ------------------------------------------------------------------ shared helpers
+
+
+def attach_chunks(
+    records: Mapping[str, TensorRecord], chunks: Iterable[tuple[str, ChunkRecord]]
+) -> dict[str, TensorRecord]:
+    """Records without chunks + ``(name, chunk)`` pairs -> records with sorted chunks.
+
+    The manifest-building step shared by every writer of a step (``ckpt.save``'s
+    coordinator and :class:`UniversalWriter`).
+    """
+    by_name: dict[str, list[ChunkRecord]] = {n: [] for n in records}
+    for name, c in chunks:
+        by_name[name].append(c)
+    out = {}
+    for name, rec in records.items():
+        cs = tuple(sorted(by_name[name], key=lambda c: c.index))
+        out[name] = TensorRecord(
+            rec.name, rec.dtype, rec.shape, rec.chunk_shape, rec.codec, rec.level, rec.packed, cs
+        )
+    return out
+
+
+def commit_manifest(storage: Storage, manifest: Manifest) -> int:
+    """Coordinator: put ``step-N/zarr.json``, then the commit marker; return manifest bytes.
+
+    Call only after every chunk of the step is durable (docs/format.md §2).
+    """
+    data = group_metadata_bytes(manifest)
+    storage.put(f"{commit_mod.step_dir(manifest.step)}/{GROUP_META_KEY}", data)
+    commit_mod.commit(storage, manifest.step, {"manifest_crc32c": crc32c(data)})
+    return len(data)
+
+
+def tensor_record(
+    name: str,
+    tensor: torch.Tensor,
+    policy: CodecPolicy,
+    writer_options: WriterOptions,
+    plan_options: PlanOptions,
+) -> TensorRecord:
+    """The record (without chunks) of a whole tensor written as one piece."""
+    dtype = dtype_name(tensor.dtype)
+    shape = tuple(int(s) for s in tensor.shape)
+    cshape, _ = choose_chunk_shape(
+        shape,
+        itemsize_of(dtype),
+        [Box.whole(shape)],
+        plan_options.target_chunk_bytes,
+        plan_options.min_aligned_chunk_bytes,
+    )
+    codec = policy.codec
+    if codec == "auto":
+        codec = policy.choose(*sample_sizes(_bytes_view(tensor), policy.level))
+    packed = is_packed(shape, dtype, writer_options)
+    return TensorRecord(name, dtype, shape, cshape, codec, policy.level, packed, ())
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+# ------------------------------------------------------------------------- writer
+
+
+class UniversalWriter:
+    """Writes one step of the universal format from whole tensors (see module docstring).
+
+    Not thread-safe: one caller thread. ``writer_options.workers`` threads encode and
+    put the chunks of each tensor in parallel.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        step: int,
+        codec_policy: CodecPolicy | None = None,
+        writer_options: WriterOptions | None = None,
+        plan_options: PlanOptions | None = None,
+        *,
+        fingerprint: str = "",
+    ) -> None:
+        """Start writing ``step``; an uncommitted leftover of the same step is discarded.
+
+        ``fingerprint`` identifies the inputs (stored in the sidecar; :meth:`resume`
+        refuses a sidecar with another one). Raises
+        :class:`~ckptd.errors.CommitConflictError` if ``step`` is already committed.
+        """
+        _refuse_committed(storage, step)
+        storage.delete_prefix(commit_mod.step_dir(step))
+        self._setup(storage, step, codec_policy, writer_options, plan_options, fingerprint)
+
+    def _setup(
+        self,
+        storage: Storage,
+        step: int,
+        codec_policy: CodecPolicy | None,
+        writer_options: WriterOptions | None,
+        plan_options: PlanOptions | None,
+        fingerprint: str,
+    ) -> None:
+        self.storage = storage
+        self.step = step
+        self.policy = codec_policy or CodecPolicy()
+        self.writer_options = writer_options or WriterOptions()
+        self.plan_options = plan_options or PlanOptions()
+        self.fingerprint = fingerprint
+        self._prefix = commit_mod.step_dir(step)
+        self._done: dict[str, TensorRecord] = {}
+        self._next_pack_writer = 0
+        self._small: CheckpointWriter | None = None
+        self._small_records: dict[str, TensorRecord] = {}
+        self._small_bytes = 0
+        self._state: dict[str, Any] = {}
+        self._per_rank: dict[str, dict[str, Any]] = {}
+        self._rng: dict[str, Any] = {}
+        self._layout: dict[str, Any] = {"world_size": 1, "coords": ["rank=0"], "digest": ""}
+        self.bytes_written = 0
+        self.resumed: tuple[str, ...] = ()
+
+    @classmethod
+    def resume(
+        cls,
+        storage: Storage,
+        step: int,
+        codec_policy: CodecPolicy | None = None,
+        writer_options: WriterOptions | None = None,
+        plan_options: PlanOptions | None = None,
+        *,
+        fingerprint: str = "",
+    ) -> UniversalWriter:
+        """Continue an interrupted write of ``step`` (a fresh writer if there is none).
+
+        Every tensor recorded in the sidecar is verified (each chunk's length and
+        CRC32C against the stored bytes, plus the array metadata of unpacked tensors);
+        verified ones are done (:attr:`resumed`), others are written again. Raises
+        :class:`ResumeMismatchError` if the sidecar has another ``fingerprint``.
+        """
+        key = f"{commit_mod.step_dir(step)}/{PROGRESS_NAME}"
+        _refuse_committed(storage, step)
+        try:
+            raw = storage.get(key)
+        except ObjectNotFoundError:
+            raw = None
+        if raw is None:
+            return cls(
+                storage, step, codec_policy, writer_options, plan_options, fingerprint=fingerprint
+            )
+        progress = _parse_progress(raw, f"{storage.url}/{key}")
+        if progress["fingerprint"] != fingerprint:
+            raise ResumeMismatchError(
+                f"{storage.url}/{commit_mod.step_dir(step)} holds an interrupted write of "
+                "other inputs (or other options); delete it or overwrite it to start again"
+            )
+        self = cls.__new__(cls)
+        self._setup(storage, step, codec_policy, writer_options, plan_options, fingerprint)
+        self._next_pack_writer = int(progress["next_pack_writer"])
+        recorded = {
+            n: TensorRecord.from_json(n, t) for n, t in progress["tensors"].items()
+        }
+        self._done = {n: r for n, r in recorded.items() if self._verify(r)}
+        self.resumed = tuple(sorted(self._done))
+        return self
+
+    # ---------------------------------------------------------------- public API
+    def is_done(self, name: str) -> bool:
+        """Whether ``name`` was already added (durable, or verified after a resume)."""
+        return name in self._done or name in self._small_records
+
+    @property
+    def done_names(self) -> frozenset[str]:
+        return frozenset(self._done) | frozenset(self._small_records)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one whole tensor (CPU); see the module docstring for when it is durable."""
+        validate_state_key(name)
+        validate_key(name)
+        if self.is_done(name):
+            raise InvalidKeyError(f"tensor {name!r} was already written to step {self.step}")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        rec = tensor_record(name, t, self.policy, self.writer_options, self.plan_options)
+        if t.numel() == 0:
+            self._done[name] = rec
+            return
+        if rec.packed:
+            self._add_small(rec, t)
+        else:
+            self._add_large(rec, t)
+
+    def set_state(
+        self,
+        state: Mapping[str, Any],
+        per_rank_state: Mapping[str, Mapping[str, Any]] | None = None,
+        rng: Mapping[str, Any] | None = None,
+        layout: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Trainer state (JSON leaves), per-rank state, RNG states and layout provenance."""
+        self._state = json.loads(json.dumps(dict(state)))
+        if per_rank_state is not None:
+            self._per_rank = json.loads(json.dumps(dict(per_rank_state)))
+        if rng is not None:
+            self._rng = json.loads(json.dumps(dict(rng)))
+        if layout is not None:
+            self._layout = json.loads(json.dumps(dict(layout)))
+
+    def commit(self) -> int:
+        """Flush, write the manifest and the commit marker; return the bytes written."""
+        self._flush_small()
+        manifest = Manifest(
+            step=self.step,
+            tensors=dict(self._done),
+            layout=self._layout,
+            rng=self._rng,
+            state=self._state,
+            per_rank_state=self._per_rank,
+            writer="ckptd-convert",
+        )
+        self.bytes_written += commit_manifest(self.storage, manifest)
+        self.storage.delete(f"{self._prefix}/{PROGRESS_NAME}")
+        return self.bytes_written
+
+    def abort(self) -> None:
+        """Stop after an error; what is durable and recorded stays resumable."""
+        if self._small is not None:
+            self._small.abort()
+            self._small = None
+            self._small_records = {}
+
+    # ------------------------------------------------------------------ internals
+    def _add_large(self, rec: TensorRecord, t: torch.Tensor) -> None:
+        writer = CheckpointWriter(self.storage, self.step, 0, self.policy, self.writer_options)
+        try:
+            writer.write_array_metadata(rec)
+            grid = ChunkGrid(rec.shape, rec.chunk_shape)
+            for idx in grid.indices():
+                writer.submit(rec, idx, t[grid.chunk_box(idx).slices()])
+            chunks = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        self.bytes_written += writer.bytes_written
+        self._done.update(attach_chunks({rec.name: rec}, chunks))
+        self._save_progress()
+
+    def _add_small(self, rec: TensorRecord, t: torch.Tensor) -> None:
+        if self._small is None:
+            self._small = CheckpointWriter(
+                self.storage, self.step, self._next_pack_writer, self.policy, self.writer_options
+            )
+        self._small.submit(rec, tuple(0 for _ in rec.shape), t)
+        self._small_records[rec.name] = rec
+        self._small_bytes += t.numel() * t.element_size()
+        if self._small_bytes >= PACK_TARGET_BYTES:
+            self._flush_small()
+
+    def _flush_small(self) -> None:
+        if self._small is None:
+            return
+        writer, self._small = self._small, None
+        try:
+            chunks = writer.finish()
+        except BaseException:
+            self._small_records = {}
+            raise
+        self.bytes_written += writer.bytes_written
+        self._done.update(attach_chunks(self._small_records, chunks))
+        self._small_records, self._small_bytes = {}, 0
+        self._next_pack_writer += 1
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        doc = {
+            "version": PROGRESS_VERSION,
+            "step": self.step,
+            "fingerprint": self.fingerprint,
+            "next_pack_writer": self._next_pack_writer,
+            "tensors": {n: r.to_json() for n, r in sorted(self._done.items())},
+        }
+        self.storage.put(f"{self._prefix}/{PROGRESS_NAME}", json.dumps(doc).encode())
+
+    def _verify(self, rec: TensorRecord) -> bool:
+        """Whether every chunk of ``rec`` is stored with its recorded length and CRC32C."""
+        try:
+            if not rec.packed and rec.chunks:
+                self.storage.get(f"{self._prefix}/{rec.name}/zarr.json")
+            for c in rec.chunks:
+                key = f"{self._prefix}/{c.object}"
+                data = self.storage.get_range(key, c.offset, c.offset + c.length)
+                if len(data) != c.length or crc32c(data) != c.crc32c:
+                    return False
+        except ObjectNotFoundError:
+            return False
+        grid = ChunkGrid(rec.shape, rec.chunk_shape)
+        want = set(grid.indices()) if math.prod(rec.shape) else set()
+        return {c.index for c in rec.chunks} == want
+
+
+def _refuse_committed(storage: Storage, step: int) -> None:
+    if commit_mod.is_committed(storage, step):
+        raise CommitConflictError(
+            f"step {step} is already committed in {storage.url}; a committed checkpoint is "
+            "never overwritten: write another step, or delete it first"
+        )
+
+
+def _parse_progress(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("version") != PROGRESS_VERSION:
+            raise ValueError("unknown progress version")
+        doc["fingerprint"] = str(doc["fingerprint"])
+        int(doc["next_pack_writer"])
+        if not isinstance(doc["tensors"], dict):
+            raise ValueError("tensors is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{where}: progress sidecar is corrupt ({e}); delete it") from e
+    return doc
+
+
+# ------------------------------------------------------------------------- reader
+
+
+class UniversalReader:
+    """Whole tensors (or boxes of them) out of a committed step, chunk by chunk."""
+
+    def __init__(self, reader: CheckpointReader, workers: int = 4) -> None:
+        """Wrap an opened :class:`CheckpointReader`; ``workers`` chunks are read at once."""
+        self.reader = reader
+        self.workers = max(1, workers)
+
+    @classmethod
+    def open(cls, storage: Storage, step: int | None = None, workers: int = 4) -> UniversalReader:
+        """Open ``step`` (default: the latest committed) of the root ``storage``."""
+        return cls(CheckpointReader.open(storage, step), workers)
+
+    @property
+    def step(self) -> int:
+        return self.reader.step
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.reader.manifest
+
+    def names(self) -> list[str]:
+        """Every stored tensor name, sorted."""
+        return sorted(self.reader.manifest.tensors)
+
+    def meta(self, name: str) -> TensorMeta:
+        """Name, dtype and global shape of ``name``."""
+        return self.reader.record(name).meta
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, assembled chunk by chunk into one output tensor."""
+        return self.read_box(name, Box.whole(self.reader.record(name).shape))
+
+    def read_box(self, name: str, box: Box) -> torch.Tensor:
+        """The region ``box`` (global coordinates) of ``name`` as a new tensor."""
+        rec = self.reader.record(name)
+        if not box.fits_in(rec.shape):
+            raise ValueError(f"box {box} is outside tensor {name!r} of shape {list(rec.shape)}")
+        out = torch.empty(box.lengths, dtype=torch_dtype(rec.dtype))
+        if box.is_empty():
+            return out
+        grid = ChunkGrid(rec.shape, rec.chunk_shape)
+        have = {c.index for c in rec.chunks}
+        jobs = []
+        for idx in grid.touching(box):
+            if idx not in have:
+                raise IntegrityError(
+                    f"tensor {name!r} chunk {list(idx)} is not in the manifest of step "
+                    f"{self.step} (incomplete checkpoint)"
+                )
+            cbox = grid.chunk_box(idx)
+            inter = cbox.intersect(box)
+            if inter is not None:
+                jobs.append((idx, cbox, inter))
+
+        def one(job: tuple[tuple[int, ...], Box, Box]) -> None:
+            idx, cbox, inter = job
+            chunk = self.reader.read_chunk(name, idx, cbox)
+            src = chunk[inter.shift(cbox.offsets, -1).slices()]
+            out[inter.shift(box.offsets, -1).slices()].copy_(src)
+
+        for _ in _bounded_map(one, jobs, self.workers):
+            pass
+        return out
+
+
+def _bounded_map(fn: Any, items: list[Any], workers: int) -> Iterator[Any]:
+    """``map(fn, items)`` on ``workers`` threads with at most ``workers`` items in flight."""
+    if workers == 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-uread") as pool:
+        pending: list[Future[Any]] = []
+        for item in items:
+            if len(pending) >= workers:
+                yield pending.pop(0).result()
+            pending.append(pool.submit(fn, item))
+        for f in pending:
+            yield f.result()
