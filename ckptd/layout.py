@@ -10,6 +10,7 @@ the same local shape as their parameter inherit the parameter's placement.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,8 +34,14 @@ class LayerOffset:
     segment: str = "layers"
 
     def __call__(self, key: str) -> str:
-        pat = re.compile(rf"(^|\.){re.escape(self.segment)}\.(\d+)(?=\.|$)")
-        return pat.sub(lambda m: f"{m.group(1)}{self.segment}.{int(m.group(2)) + self.offset}", key)
+        return _segment_pattern(self.segment).sub(
+            lambda m: f"{m.group(1)}{self.segment}.{int(m.group(2)) + self.offset}", key
+        )
+
+
+@functools.cache
+def _segment_pattern(segment: str) -> re.Pattern[str]:
+    return re.compile(rf"(^|\.){re.escape(segment)}\.(\d+)(?=\.|$)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,11 @@ class Layout:
     rules: Mapping[str, Placement] = field(default_factory=dict)
     rename: Rename | None = None
     coords: Mapping[str, int] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()  # keys or fnmatch patterns neither saved nor loaded
+
+    def excludes(self, key: str) -> bool:
+        """True if ``key`` is excluded (exact key or pattern)."""
+        return any(key == p or fnmatch.fnmatchcase(key, p) for p in self.exclude)
 
     def placement_for(self, key: str) -> Placement | None:
         """The rule for ``key`` (exact match first, then patterns), or None."""
@@ -70,6 +82,8 @@ def build_rank_layout(flat: FlatState, layout: Layout | None, rank: int) -> Rank
     metas: dict[str, TensorMeta] = {}
     entries = []
     for key, t in flat.tensors.items():
+        if layout.exclude and layout.excludes(key):
+            continue
         local, placement = _local_and_placement(key, t, flat, layout)
         dtype = dtype_name(local.dtype)
         name = layout.logical_name(key)

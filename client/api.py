@@ -8,14 +8,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt.config import Config, ConfigError, from_env
 from ckpt.dist import context, reset_context
 from ckpt.loader import LoadResult, MergeRule, load_state
 from ckpt.saver import SaveHandle, Saver, SaveResult
 from ckptd.formats.storage import Storage, open_storage
-from ckptd.layout import Layout
+from ckptd.layout import Layout, local_tensor
+from ckptd.statedict import flatten_state
+
+if TYPE_CHECKING:
+    from ckptd.converters.spec import CompiledSpec
 
 _lock = threading.RLock()
 _config: Config = from_env()
@@ -53,6 +57,7 @@ def save(
     *,
     blocking: bool = True,
     layout: Layout | None = None,
+    spec: CompiledSpec | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> SaveHandle:
     """Checkpoint ``state`` as ``step`` under ``root`` (a path or fsspec URL).
@@ -60,8 +65,10 @@ def save(
     Blocks only while tensors are copied into staging memory when ``blocking=False``;
     the returned handle's ``wait()`` returns when the checkpoint is committed and raises
     any error (a :class:`ckptd.errors.DistributedError` names every failing rank).
-    Every rank must call it with the same ``step`` and ``root``.
+    Every rank must call it with the same ``step`` and ``root``. ``spec`` (a compiled
+    reshard spec, see docs/spec-language.md) builds the layout from the state's names.
     """
+    layout = _layout_from_spec(state, spec) if spec is not None else layout
     saver = _get_saver()
     storage = _storage(root, storage_options)
     return saver.save(state, step, storage, root, layout, blocking)
@@ -74,6 +81,7 @@ def load(
     *,
     strict: bool = False,
     layout: Layout | None = None,
+    spec: CompiledSpec | None = None,
     merge: Mapping[str, MergeRule] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> LoadResult:
@@ -82,8 +90,11 @@ def load(
     Works under any layout: pieces are read from the chunks that hold them. With
     ``strict=True`` keys missing from the checkpoint or unused by every rank raise
     :class:`ckptd.errors.MissingKeysError`; otherwise they are returned (and logged).
-    Per-rank trainer state saved under another layout needs a ``merge`` rule.
+    Per-rank trainer state saved under another layout needs a ``merge`` rule. ``spec``
+    (a compiled reshard spec) lets e.g. a live Megatron-style model load a universal
+    checkpoint directly.
     """
+    layout = _layout_from_spec(state, spec) if spec is not None else layout
     storage = _storage(root, storage_options)
     ctx = context(_config.collective_timeout_s)
     return load_state(state, storage, step, layout, strict, merge, _config, ctx)
@@ -109,6 +120,13 @@ def shutdown() -> None:
                 st.close()
             _storages.clear()
             reset_context()  # a later torch.distributed world gets fresh groups
+
+
+def _layout_from_spec(state: dict[str, Any], spec: CompiledSpec) -> Layout:
+    """The layout a compiled spec gives this rank's state (coverage checked)."""
+    flat = flatten_state(state)
+    shapes = {k: tuple(local_tensor(t).shape) for k, t in flat.tensors.items()}
+    return spec.layout_for(list(flat.tensors), shapes)
 
 
 def _get_saver() -> Saver:

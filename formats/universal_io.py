@@ -228,9 +228,7 @@ class UniversalWriter:
         self = cls.__new__(cls)
         self._setup(storage, step, codec_policy, writer_options, plan_options, fingerprint)
         self._next_pack_writer = int(progress["next_pack_writer"])
-        recorded = {
-            n: TensorRecord.from_json(n, t) for n, t in progress["tensors"].items()
-        }
+        recorded = {n: TensorRecord.from_json(n, t) for n, t in progress["tensors"].items()}
         self._done = {n: r for n, r in recorded.items() if self._verify(r)}
         self.resumed = tuple(sorted(self._done))
         return self

@@ -245,3 +245,22 @@ def test_layout_resharding_in_one_process(tmp_path):
     assert torch.equal(out["w"], full)
     man = json.loads((tmp_path / "step-000000001" / "zarr.json").read_text())
     assert man["attributes"]["ckpt"]["tensors"]["w"]["shape"] == [6, 4]
+
+
+def test_load_with_a_spec_reshards_a_universal_checkpoint(tmp_path):
+    """A live TP-sharded model loads a canonical checkpoint through a reshard spec."""
+    from ckptd.converters.spec import compile_spec
+
+    full = {"layers.0.fc1.weight": torch.randn(8, 4), "layers.0.fc2.weight": torch.randn(4, 8)}
+    ckpt.save(dict(full), 1, str(tmp_path))
+    text = "layers.{i}.fc1.weight : split(dim=0)\nlayers.{i}.fc2.weight : split(dim=1)\n"
+    for r in range(2):
+        spec = compile_spec(text, {"tp": 2}, {"tp": r})
+        shard = {"layers.0.fc1.weight": torch.zeros(4, 4), "layers.0.fc2.weight": torch.zeros(4, 4)}
+        ckpt.load(shard, str(tmp_path), spec=spec, strict=False)
+        assert torch.equal(
+            shard["layers.0.fc1.weight"], full["layers.0.fc1.weight"][4 * r : 4 * r + 4]
+        )
+        assert torch.equal(
+            shard["layers.0.fc2.weight"], full["layers.0.fc2.weight"][:, 4 * r : 4 * r + 4]
+        )

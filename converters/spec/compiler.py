@@ -38,8 +38,8 @@ SpecSource = str | os.PathLike | ast.Spec
 class SpecLayout(Layout):
     """A :class:`ckpt.Layout` plus what the spec says beyond placements.
 
-    ``dropped``: keys excluded by ``drop`` rules (remove them from the state before
-    saving; a converter skips them). ``policies``: key -> replica policy of keys placed
+    ``dropped``: keys excluded by ``drop`` rules (also in ``exclude``, so save and load
+    skip them). ``policies``: key -> replica policy of keys placed
     by ``replicate`` (enforcing it is the converter's job).
     """
 
@@ -214,7 +214,7 @@ class CompiledSpec:
                 policies[key] = params.policy
         rename = SpecRename(self) if self._renames else None
         return SpecLayout(rules=rules, rename=rename, coords=dict(self.coords),
-                          dropped=tuple(dropped), policies=policies)
+                          exclude=tuple(dropped), dropped=tuple(dropped), policies=policies)
 
     def with_coords(self, coords: Mapping[str, int]) -> CompiledSpec:
         """The same spec compiled for another rank."""
