@@ -219,7 +219,7 @@ class UniversalWriter:
             return cls(
                 storage, step, codec_policy, writer_options, plan_options, fingerprint=fingerprint
             )
-        progress = _parse_progress(raw, f"{storage.url}/{key}")
+        progress = parse_progress(raw, f"{storage.url}/{key}")
         if progress["fingerprint"] != fingerprint:
             raise ResumeMismatchError(
                 f"{storage.url}/{commit_mod.step_dir(step)} holds an interrupted write of "
@@ -377,7 +377,7 @@ def _refuse_committed(storage: Storage, step: int) -> None:
         )
 
 
-def _parse_progress(raw: bytes, where: str) -> dict[str, Any]:
+def parse_progress(raw: bytes, where: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("version") != PROGRESS_VERSION:

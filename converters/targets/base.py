@@ -1,0 +1,139 @@
+"""What every conversion target provides: a pure output layout, then a streaming write.
+
+Call order (the executor in :mod:`ckptd.converters.convert`)::
+
+    t = TargetClass(path, options)
+    layout = t.layout(tensors)            # pure: which output holds each tensor
+    t.existing(fingerprint)               # ABSENT / COMPLETE / RESUMABLE / OTHER
+    t.clear()                             # only with --overwrite
+    t.write(tensors, layout, fetch, on_done, fingerprint=..., state=..., provenance=...)
+
+``write`` pulls each tensor with ``fetch(name)`` (one at a time: the caller's memory
+bound), calls ``on_done(name, nbytes, resumed)`` once per tensor, writes its commit
+marker last, and leaves an interrupted output resumable where the format allows it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ckptd.converters.sources.base import PlanError, SourceState, TensorInfo
+
+Fetch = Callable[[str], torch.Tensor]
+OnDone = Callable[[str, int, bool], None]
+COMPLETE_MARKER = ".ckpt-convert-complete"
+PROGRESS_NAME = ".ckpt-convert-progress.json"
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Target tunables (all part of the plan's fingerprint)."""
+
+    step: int = 0  # universal: the step written
+    max_shard_size: int = 5_000_000_000  # hf: bytes per shard file
+    workers: int = 4  # universal: chunk encode/put threads
+    codec: str = "auto"  # universal: codec policy
+    dcp_bucket_bytes: int = 256 << 20  # dcp: tensors per .distcp file (memory bound)
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    """Where each target tensor goes, and every output in write order (marker last)."""
+
+    assignment: tuple[tuple[str, str], ...]  # (target tensor name, output name)
+    outputs: tuple[str, ...]
+
+    def output_of(self) -> dict[str, str]:
+        return dict(self.assignment)
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What a write did: bytes put, and tensors skipped because they were verified."""
+
+    bytes_written: int
+    resumed: tuple[str, ...]
+
+
+class Existing(enum.Enum):
+    """What the destination holds before a conversion."""
+
+    ABSENT = "absent"  # nothing of ours or any checkpoint
+    COMPLETE = "complete"  # a finished checkpoint: needs --overwrite
+    RESUMABLE = "resumable"  # our interrupted conversion of the same plan
+    OTHER = "other"  # another checkpoint or another interrupted conversion
+
+
+class Target(ABC):
+    """A destination format (see the module docstring)."""
+
+    format: ClassVar[str]
+
+    def __init__(self, path: str, options: TargetOptions) -> None:
+        self.path = path
+        self.options = options
+
+    def validate_name(self, name: str) -> None:
+        """Raise :class:`PlanError` if ``name`` cannot name a tensor in this format."""
+        if not name or "\x00" in name:
+            raise PlanError(f"target tensor name {name!r} is empty or contains NUL")
+
+    @abstractmethod
+    def layout(self, tensors: Sequence[TensorInfo]) -> TargetLayout:
+        """Assign every tensor an output (pure; no I/O)."""
+
+    @abstractmethod
+    def existing(self, fingerprint: str) -> Existing:
+        """Inspect the destination (read only)."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Remove what a conversion to this destination writes (``--overwrite``)."""
+
+    @abstractmethod
+    def write(
+        self,
+        tensors: Sequence[TensorInfo],
+        layout: TargetLayout,
+        fetch: Fetch,
+        on_done: OnDone,
+        *,
+        fingerprint: str,
+        state: SourceState,
+        provenance: dict[str, Any],
+    ) -> WriteOutcome:
+        """Write every tensor (resuming a matching interrupted write), then commit."""
+
+
+def local_path(path: str, what: str) -> str:
+    """A local directory path (``file://`` stripped); remote URLs are refused."""
+    if "://" in path and not path.startswith("file://"):
+        raise PlanError(f"the {what} target writes local directories only, got {path!r}")
+    return path.removeprefix("file://")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory entry change (create, rename, unlink) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``path`` via a fsync'd temp file and a rename (readers never see a part)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
