@@ -77,6 +77,15 @@ class Storage(ABC):
         out[: len(data)] = data
         return len(data)
 
+    def batch(self) -> WriteBatch:
+        """A batch of writes that become durable together at :meth:`WriteBatch.flush`.
+
+        For objects nobody reads before a later commit point (the chunks of an
+        uncommitted step): backends may skip per-object atomic renames and fsyncs and
+        make the whole batch durable at once. The default batch is plain :meth:`put`.
+        """
+        return WriteBatch(self)
+
     def put(self, key: str, data: Buffer) -> None:
         """Atomically and durably write (or replace) an object.
 
@@ -182,6 +191,103 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class WriteBatch:
+    """Writes that are durable after :meth:`flush` (the default: each put is already).
+
+    Thread-safe. Call order: ``put`` any number of times (from any thread), then
+    ``flush`` once; only after ``flush`` returns may a commit point refer to them.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def put(self, key: str, data: Buffer) -> None:
+        """Write an object; it may be partial or absent after a crash until flush()."""
+        self.storage.put(key, data)
+
+    def flush(self) -> None:
+        """Make every object put so far durable."""
+
+
+class LocalWriteBatch(WriteBatch):
+    """POSIX batch: write files in place, then one ``syncfs`` for data and metadata.
+
+    Measured here: per-object temp file + fsync + rename + directory fsyncs cost about
+    seven fsyncs per tensor and halved save throughput against DCP's few large files.
+    The batch's objects live in an uncommitted step directory that no reader opens, so
+    atomic renames buy nothing; one ``syncfs`` (or, where unavailable, an fsync of every
+    file and directory) makes them durable before the commit marker is written.
+    """
+
+    def __init__(self, storage: LocalStorage) -> None:
+        super().__init__(storage)
+        self._local = storage
+        self._lock = threading.Lock()
+        self._files: list[str] = []
+        self._dirs: set[str] = set()
+
+    def put(self, key: str, data: Buffer) -> None:
+        validate_key(key)
+        path = self._local._path(key)
+        parent = os.path.dirname(path)
+        with self._local._mapped("put", key):
+            if not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+                with self._lock:
+                    d = parent
+                    while d.startswith(self._local.root) and d not in self._dirs:
+                        self._dirs.add(d)
+                        d = os.path.dirname(d)
+            view = as_bytes_view(data)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                done = 0
+                while done < view.nbytes:
+                    done += os.write(fd, view[done:])
+            finally:
+                os.close(fd)
+        with self._lock:
+            self._files.append(path)
+            self._dirs.add(parent)
+
+    def flush(self) -> None:
+        with self._lock:
+            files, dirs = list(self._files), sorted(self._dirs)
+            self._files.clear()
+            self._dirs.clear()
+        if not files:
+            return
+        with self._local._mapped("sync", ""):
+            if _syncfs(self._local.root):
+                return
+            for path in files:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for d in [*dirs, os.path.dirname(self._local.root)]:
+                _fsync_dir(d)
+
+
+def _syncfs(path: str) -> bool:
+    """``syncfs(2)`` on the filesystem holding ``path``; False where unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if fn(fd) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs failed", path)
+    finally:
+        os.close(fd)
+    return True
+
+
 class LocalStorage(Storage):
     """A POSIX directory; every write is temp file + fsync + rename + fsync(dir)."""
 
@@ -193,6 +299,10 @@ class LocalStorage(Storage):
         so that opening a mistyped root for reading does not leave an empty directory."""
         self.root = os.path.abspath(os.fspath(path))
         self.url = "file://" + self.root
+
+    def batch(self) -> WriteBatch:
+        """In-place writes made durable by one syncfs (see :class:`LocalWriteBatch`)."""
+        return LocalWriteBatch(self)
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/")) if key else self.root

@@ -70,6 +70,7 @@ class CheckpointWriter:
         options: WriterOptions = WriterOptions(),
     ) -> None:
         self._storage = storage
+        self._batch = storage.batch()  # durable only after finish(): before the commit
         self._prefix = step_dir(step) + "/"
         self._rank = rank
         self._policy = policy
@@ -87,7 +88,7 @@ class CheckpointWriter:
 
     def write_array_metadata(self, rec: TensorRecord) -> None:
         """Write ``<name>/zarr.json`` for an unpacked array (one rank per tensor)."""
-        self._storage.put(f"{self._prefix}{rec.name}/zarr.json", array_metadata_bytes(rec))
+        self._batch.put(f"{self._prefix}{rec.name}/zarr.json", array_metadata_bytes(rec))
 
     def submit(self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor) -> None:
         """Queue one chunk (its data must stay valid until :meth:`finish` returns)."""
@@ -110,7 +111,7 @@ class CheckpointWriter:
                 self._append_to_pack(rec.name, index, data, crc)
                 return None
             key = "/".join([rec.name, "c", *(str(i) for i in index)]) if index else f"{rec.name}/c"
-            self._storage.put(self._prefix + key, data)
+            self._batch.put(self._prefix + key, data)
             with self._lock:
                 self.bytes_written += length
             return rec.name, ChunkRecord(index, key, 0, length, crc)
@@ -138,7 +139,7 @@ class CheckpointWriter:
             key = f"packs/r{self._rank:05d}-{self._pack_seq:05d}.pack"
             self._pack, self._pack_members = bytearray(), []
             self._pack_seq += 1
-        self._storage.put(self._prefix + key, data)
+        self._batch.put(self._prefix + key, data)
         with self._lock:
             self.bytes_written += len(data)
             for name, index, off, length, crc in members:
@@ -152,6 +153,7 @@ class CheckpointWriter:
                 if res is not None:
                     self._records.append(res)
             self._flush_pack()
+            self._batch.flush()  # every byte durable before anyone may commit
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
         return list(self._records)
