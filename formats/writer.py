@@ -80,7 +80,8 @@ class CheckpointWriter:
         self._lock = threading.Lock()
         self._budget = threading.Condition(self._lock)
         self._inflight = 0
-        self._pack = bytearray()
+        self._pack: list[bytes | memoryview] = []  # joined once when the pack is written
+        self._pack_bytes = 0
         self._pack_members: list[tuple[str, tuple[int, ...], int, int, int]] = []
         self._pack_seq = 0
         self._records: list[tuple[str, ChunkRecord]] = []
@@ -124,10 +125,12 @@ class CheckpointWriter:
         self, name: str, index: tuple[int, ...], data: bytes | memoryview, crc: int
     ) -> None:
         with self._lock:
-            off = len(self._pack)
-            self._pack += data
+            off = self._pack_bytes
+            # Raw chunks are views of staging memory that stays valid until finish().
+            self._pack.append(data)
+            self._pack_bytes += len(data)
             self._pack_members.append((name, index, off, len(data), crc))
-            full = len(self._pack) >= PACK_TARGET_BYTES
+            full = self._pack_bytes >= PACK_TARGET_BYTES
         if full:
             self._flush_pack()
 
@@ -135,9 +138,9 @@ class CheckpointWriter:
         with self._lock:
             if not self._pack_members:
                 return
-            data, members = bytes(self._pack), self._pack_members
+            data, members = b"".join(self._pack), self._pack_members
             key = f"packs/r{self._rank:05d}-{self._pack_seq:05d}.pack"
-            self._pack, self._pack_members = bytearray(), []
+            self._pack, self._pack_bytes, self._pack_members = [], 0, []
             self._pack_seq += 1
         self._batch.put(self._prefix + key, data)
         with self._lock:

@@ -1,0 +1,531 @@
+"""Shared-memory snapshots: one double-buffered slot per (job, rank), under a memory budget.
+
+Roles and call order:
+
+* The **daemon** owns a :class:`SnapshotStore` (``root`` is ``/dev/shm`` by default).  After
+  a restart it calls :meth:`SnapshotStore.adopt` once, before anything else, to take back
+  the snapshots a previous daemon process left (checked; the rest is discarded and said
+  why).  ``store.slot(rank)`` returns the rank's :class:`Slot` (a rank that was not adopted
+  starts over: whatever files it had are removed).
+* A save, for one rank: the daemon calls ``slot.begin(step, nbytes)`` and sends
+  ``writable.lease`` to the trainer; the trainer maps it with
+  ``shm.TrainerMappings.writable`` and copies its tensors in (the save's only copy); the
+  daemon then calls ``writable.commit(descriptor)``.  One writer per slot: a new ``begin``
+  supersedes an unfinished one (a trainer that crashed mid-copy and saves again).
+  ``writable.view()`` lets the daemon fill a snapshot itself (a rebuild from peers).
+* Readers in the daemon (persistence, erasure coding, restore) call ``slot.latest()``:
+  the last committed snapshot after checking magic, version, epoch, generation and
+  CRC32Cs, or None.  It is *pinned* until ``release()`` (or the ``with`` block ends): a
+  ``begin`` that needs that buffer waits for it (backpressure), then raises
+  ``SnapshotBusyError``.
+* ``store.release(rank)`` frees a slot's memory; ``store.close()`` keeps the files (adopt).
+
+Double buffering: a snapshot is written into the buffer that does *not* hold the last
+committed one, so a crash mid-write never damages it.  A slot's record file (JSON,
+replaced atomically by rename) names the slot's epoch (random, new for each fresh slot),
+its two buffer files, and the last committed (generation, buffer); updating it is the
+commit point, after the buffer's state became COMPLETE.  A buffer is only ever returned if
+its header carries the slot's epoch and exactly the committed generation: a leftover of an
+earlier slot, an older copy restored in place, or an uncommitted write is never read.
+
+Memory: each buffer is one pre-faulted file of 4 KiB + capacity, reused across saves; one
+too small is replaced by one ``growth`` times larger (exactly the size needed if the
+budget cannot take more).  The buffer replaced holds only a superseded snapshot, so it is
+freed first; the last committed one stays in the other buffer until the new one commits.
+``used_bytes`` counts header + capacity of every buffer (not the small descriptors).
+
+Thread-safety: every method may be called from any daemon thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import threading
+from typing import Any
+
+import crc32c
+import torch
+
+from ckptd.daemon.shm import (
+    COMPLETE,
+    EMPTY,
+    HEADER_SIZE,
+    PREFIX,
+    WRITING,
+    AdoptReport,
+    Discarded,
+    Header,
+    Segment,
+    SnapshotBusyError,
+    SnapshotError,
+    SnapshotInfo,
+    WriteLease,
+    check_job_id,
+    json_descriptor,
+    page_round,
+    read_record,
+    segment_name,
+    unlink_quietly,
+    write_record,
+)
+from ckptd.errors import StagingBudgetError
+
+log = logging.getLogger("ckptd.daemon.snapshots")
+
+
+class CompleteSnapshot:
+    """A verified, pinned, committed snapshot; ``release()`` (or ``with``) unpins it."""
+
+    def __init__(
+        self, slot: Slot, buffer: int, seg: Segment, info: SnapshotInfo, desc: dict[str, Any]
+    ) -> None:
+        self.info = info
+        self.descriptor = desc
+        self._slot, self._buffer, self._seg = slot, buffer, seg
+        self._pinned = True
+
+    def view(self) -> torch.Tensor:
+        """uint8 tensor over the payload, in the daemon's mapping. Read it, never write it;
+        do not use it after ``release()``: a later save may then overwrite the buffer."""
+        if not self._pinned:
+            raise SnapshotError("snapshot was released; call slot.latest() again")
+        return self._seg.tensor(self.info.nbytes)
+
+    def release(self) -> None:
+        if self._pinned:
+            self._pinned = False
+            self._slot._unpin(self._buffer)
+
+    def __enter__(self) -> CompleteSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class WritableSnapshot:
+    """A snapshot being written (state WRITING); ``commit`` or ``abort`` ends it."""
+
+    def __init__(self, slot: Slot, buffer: int, seg: Segment, lease: WriteLease) -> None:
+        self.lease = lease
+        self._slot, self._buffer, self._seg = slot, buffer, seg
+        self.open = True
+
+    def view(self) -> torch.Tensor:
+        """uint8 tensor of ``lease.nbytes`` over the buffer (the daemon's own mapping)."""
+        return self._seg.tensor(self.lease.nbytes)
+
+    def commit(self, descriptor: dict[str, Any], payload_crc: int | None = None) -> SnapshotInfo:
+        """Make this the slot's last committed snapshot (see the module docstring's order).
+
+        ``payload_crc``: the writer's CRC32C of the payload if it computed one while
+        copying; otherwise it is computed here, after the copy (~13 GB/s, GIL released).
+        """
+        return self._slot._commit(self, json_descriptor(descriptor), payload_crc)
+
+    def abort(self) -> None:
+        """Give up this snapshot; the last committed one stays."""
+        self._slot._abort(self)
+
+    def __enter__(self) -> WritableSnapshot:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self.open:
+            self.abort()
+
+
+class Slot:
+    """The two buffers of one rank (see the module docstring)."""
+
+    def __init__(self, store: SnapshotStore, rank: int, epoch: int) -> None:
+        self.store, self.rank, self.epoch = store, rank, epoch
+        self.segments: list[Segment | None] = [None, None]
+        self.committed: tuple[int, int] | None = None  # (generation, buffer)
+        self._next_gen = 1
+        self._pins = [0, 0]
+        self._writer: WritableSnapshot | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+
+    # ------------------------------------------------------------------ writers
+    def begin(self, step: int, nbytes: int, timeout: float | None = 30.0) -> WritableSnapshot:
+        """Open the free buffer for a snapshot of ``nbytes`` (growing it if needed).
+
+        Raises ``StagingBudgetError`` if the budget cannot hold it and
+        ``SnapshotBusyError`` if a reader keeps the buffer for ``timeout`` seconds; in
+        both cases the last committed snapshot is untouched.
+        """
+        if nbytes < 0 or step < 0:
+            raise ValueError(f"need step >= 0 and nbytes >= 0, got {step}, {nbytes}")
+        with self._cond:
+            self._check_open()
+            if self._writer is not None:  # superseded: its commit() will now fail
+                self._writer.open = False
+                self._writer = None
+            target = 0 if self.committed is None else 1 - self.committed[1]
+            if not self._cond.wait_for(lambda: self._pins[target] == 0, timeout):
+                raise SnapshotBusyError(
+                    f"rank {self.rank}: the previous snapshot is still being read after "
+                    f"{timeout} s; the new snapshot of step {step} "
+                    "needs its buffer (persistence or peers are behind: save less often)"
+                )
+            self._check_open()
+            gen = self._next_gen
+            self._next_gen += 1
+            seg = self.segments[target]
+            if seg is None or seg.capacity < nbytes:
+                seg = self._grow(target, nbytes, step, serial=gen)
+            seg.set_state(WRITING)  # first: from here on this buffer is not COMPLETE
+            job = self.store.job_id
+            seg.write_header(
+                Header(target, self.epoch, gen, step, nbytes, seg.capacity, self.rank, 0, 0, 0, job)
+            )
+            lease = WriteLease(seg.path, job, self.rank, target, gen, step, nbytes, seg.capacity)
+            self._writer = WritableSnapshot(self, target, seg, lease)
+            return self._writer
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow the free buffer(s) to ``nbytes`` ahead of time (off the trainer's stall).
+
+        Never touches the buffer holding the last committed snapshot, one being written,
+        or one pinned by a reader; call it again after the next commit for that one.
+        """
+        with self._cond:
+            self._check_open()
+            busy = {self.committed[1]} if self.committed else set()
+            if self._writer is not None:
+                busy.add(self._writer._buffer)
+            for b in (0, 1):
+                seg = self.segments[b]
+                if b not in busy and self._pins[b] == 0 and (seg is None or seg.capacity < nbytes):
+                    self._next_gen += 1
+                    self._grow(b, nbytes, None, serial=self._next_gen - 1)
+
+    def _grow(self, b: int, nbytes: int, step: int | None, serial: int) -> Segment:
+        old = self.segments[b]
+        old_size = HEADER_SIZE + old.capacity if old else 0
+        exact = page_round(nbytes)
+        cap = max(exact, page_round(int(old.capacity * self.store.growth))) if old else exact
+        cap = self.store._reserve(old_size, cap, exact)  # atomic against other slots
+        if cap is None:
+            kept = f"generation {self.committed[0]}" if self.committed else "none"
+            what = f"step {step}" if step is not None else "this rank"
+            raise StagingBudgetError(
+                f"job {self.store.job_id} rank {self.rank}: a snapshot of {what} needs "
+                f"{nbytes} bytes (+{HEADER_SIZE} header), but "
+                f"{self.store.used_bytes() - old_size} of the {self.store.budget_bytes}-byte "
+                "memory budget are held by other buffers; raise the daemon's memory budget "
+                f"or save fewer bytes per rank. The last committed snapshot ({kept}) is intact."
+            )
+        # The buffer replaced holds no snapshot that is still needed (the last committed
+        # one is in the other buffer): free it first, so peak memory is old + new only.
+        if old is not None:
+            old.set_state(EMPTY)
+            old.close(unlink=True)
+            self.segments[b] = None
+            self._write_record()
+        path = os.path.join(self.store.root, segment_name(self.store.job_id, self.rank, b, serial))
+        try:
+            seg = Segment.create(path, cap)
+        except BaseException:
+            self.store._account(-(HEADER_SIZE + cap))
+            raise
+        self.segments[b] = seg
+        self._write_record()
+        return seg
+
+    def _commit(self, w: WritableSnapshot, desc: bytes, crc: int | None) -> SnapshotInfo:
+        lease = w.lease
+        if crc is None:  # outside the lock: ~80 ms per GiB; the writer is re-checked below
+            crc = crc32c.crc32c(w._seg.payload(lease.nbytes))
+        with self._cond:
+            if not w.open or self._writer is not w:
+                raise SnapshotError(
+                    f"rank {self.rank}: the write of step {lease.step} (generation "
+                    f"{lease.generation}) was superseded or aborted; nothing was committed"
+                )
+            seg = w._seg
+            seg.write_descriptor(desc)
+            seg.write_header(
+                Header(
+                    w._buffer, self.epoch, lease.generation, lease.step, lease.nbytes,
+                    seg.capacity, self.rank, crc, len(desc), crc32c.crc32c(desc),
+                    self.store.job_id,
+                )
+            )  # fmt: skip
+            seg.set_state(COMPLETE)  # last write into the buffer
+            self.committed = (lease.generation, w._buffer)
+            self._write_record()  # the commit point
+            w.open = False
+            self._writer = None
+            return SnapshotInfo(self.rank, lease.step, lease.generation, lease.nbytes, crc)
+
+    def _abort(self, w: WritableSnapshot) -> None:
+        with self._cond:
+            if self._writer is w and w.open:
+                w._seg.set_state(EMPTY)
+                self._writer = None
+            w.open = False
+
+    # ------------------------------------------------------------------ readers
+    def latest(self, verify: bool = True) -> CompleteSnapshot | None:
+        """The last committed snapshot, verified and pinned; None if there is none.
+
+        A snapshot that fails a check is discarded (logged with the reason, kept in
+        ``store.discarded``) and None is returned: never stale or damaged bytes.
+        ``verify=False`` skips only the payload CRC (the header checks always run).
+        """
+        with self._cond:
+            self._check_open()
+            if self.committed is None:
+                return None
+            gen, b = self.committed
+            self._pins[b] += 1
+        try:
+            seg, info, desc = self._check(b, gen, verify)
+        except ValueError as e:
+            self._unpin(b)
+            self._discard_committed(gen, b, str(e))
+            return None
+        except BaseException:
+            self._unpin(b)
+            raise
+        return CompleteSnapshot(self, b, seg, info, desc)
+
+    def _check(
+        self, b: int, gen: int, verify: bool
+    ) -> tuple[Segment, SnapshotInfo, dict[str, Any]]:
+        """The committed snapshot in buffer ``b``, or ``ValueError`` saying what is wrong."""
+        seg = self.segments[b]
+        if seg is None:
+            raise ValueError(f"buffer {b} is missing")
+        hdr, desc = seg.verify(self.store.job_id, self.rank, b, self.epoch, gen, verify)
+        info = SnapshotInfo(self.rank, hdr.step, hdr.generation, hdr.length, hdr.payload_crc)
+        return seg, info, desc
+
+    def _discard_committed(self, gen: int, b: int, reason: str) -> None:
+        with self._cond:
+            seg = self.segments[b]
+            path = seg.path if seg else f"buffer {b}"
+            if self.committed == (gen, b):
+                self.committed = None
+                self._write_record()
+                if seg is not None and self._pins[b] == 0:
+                    seg.set_state(EMPTY)
+        log.warning(
+            "rank %d: discarded snapshot generation %d in %s: %s", self.rank, gen, path, reason
+        )
+        self.store._account(discarded=Discarded(self.rank, path, reason))
+
+    def _unpin(self, b: int) -> None:
+        with self._cond:
+            self._pins[b] -= 1
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _write_record(self) -> None:
+        rec = {
+            "magic": "ckptd-shm-slot",
+            "version": 1,
+            "job": self.store.job_id,
+            "rank": self.rank,
+            "epoch": self.epoch,
+            "committed": list(self.committed) if self.committed else None,
+            "buffers": [os.path.basename(s.path) if s else None for s in self.segments],
+        }
+        write_record(self.store._record_path(self.rank), rec)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SnapshotError(f"slot of rank {self.rank} is released or its store closed")
+
+    def _close(self, unlink: bool) -> int:
+        """Unmap (and with ``unlink`` delete) the slot's files; returns the bytes freed."""
+        with self._cond:
+            self._closed = True
+            if self._writer is not None:
+                self._writer.open = False
+                self._writer = None
+            freed = 0
+            for i, seg in enumerate(self.segments):
+                if seg is not None:
+                    freed += HEADER_SIZE + seg.capacity
+                    seg.close(unlink=unlink)
+                    self.segments[i] = None
+            if unlink:
+                unlink_quietly(self.store._record_path(self.rank))
+            self._cond.notify_all()
+            return freed
+
+
+class SnapshotStore:
+    """Every slot of one job on this node, under one memory budget (see the module doc)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        job_id: str,
+        budget_bytes: int,
+        *,
+        growth: float = 1.5,
+    ) -> None:
+        if budget_bytes <= 0 or growth < 1.0:
+            raise ValueError(f"need budget_bytes > 0 and growth >= 1, got {budget_bytes}, {growth}")
+        self.root = os.fspath(root)
+        self.job_id = check_job_id(job_id)
+        self.budget_bytes = budget_bytes
+        self.growth = growth
+        self.discarded: list[Discarded] = []  # everything thrown away, with the reason
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self._names = re.compile(
+            re.escape(f"{PREFIX}{job_id}.r") + r"(\d+)\.(slot(?:\.tmp)?|b[01]\.[0-9a-f]+)"
+        )
+        self._slots: dict[int, Slot] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def slot(self, rank: int) -> Slot:
+        """The slot of ``rank``; a rank neither adopted nor used yet starts over."""
+        with self._lock:
+            if self._closed:
+                raise SnapshotError("snapshot store is closed")
+            slot = self._slots.get(rank)
+            if slot is None:
+                for name in self._files().get(rank, []):  # not adopted: never reused
+                    unlink_quietly(os.path.join(self.root, name))
+                slot = self._slots[rank] = Slot(self, rank, secrets.randbits(63) | 1)
+                slot._write_record()
+            return slot
+
+    def used_bytes(self) -> int:
+        """Shared memory held by every buffer of this store (compare with budget_bytes)."""
+        with self._lock:
+            return self._used
+
+    def release(self, rank: int) -> None:
+        """Delete the slot of ``rank`` and free its memory (a job that ended)."""
+        with self._lock:
+            slot = self._slots.pop(rank, None)
+        if slot is not None:
+            self._account(-slot._close(unlink=True))
+
+    def close(self, unlink: bool = False) -> None:
+        """Unmap every slot; the files stay (for the next daemon's adopt) unless ``unlink``."""
+        with self._lock:
+            slots, self._slots, self._closed = list(self._slots.values()), {}, True
+        for slot in slots:
+            self._account(-slot._close(unlink=unlink))
+
+    def adopt(self) -> AdoptReport:
+        """Take back the slots a previous daemon process left in ``root`` (call it first).
+
+        Keeps each rank's last committed snapshot whose checks pass (the same checks as
+        ``latest``, payload CRC included) and the pre-faulted buffers for reuse; discards
+        everything else (interrupted writes, stale or foreign segments, unreadable
+        records) and says why in the report.  The slot keeps its epoch; generations go on.
+        """
+        with self._lock:
+            if self._slots:
+                raise SnapshotError("adopt() must be called before any slot() of this store")
+        kept: dict[int, SnapshotInfo] = {}
+        gone: list[Discarded] = []
+        for rank, names in sorted(self._files().items()):
+            info = self._adopt_slot(rank, names, gone)
+            if info is not None:
+                kept[rank] = info
+        self.discarded.extend(gone)
+        for d in gone:
+            log.info("adopt: discarded %s (rank %s): %s", d.path, d.rank, d.reason)
+        return AdoptReport(kept, tuple(gone))
+
+    def _adopt_slot(
+        self, rank: int, names: list[str], gone: list[Discarded]
+    ) -> SnapshotInfo | None:
+        segs = {n for n in names if ".slot" not in n}
+        try:
+            rec = read_record(self._record_path(rank), self.job_id, rank)
+        except (OSError, ValueError) as e:
+            for n in names:
+                unlink_quietly(os.path.join(self.root, n))
+                if n in segs:
+                    gone.append(Discarded(rank, os.path.join(self.root, n), f"slot record: {e}"))
+            return None
+        slot = Slot(self, rank, rec["epoch"])
+        for b, name in enumerate(rec["buffers"]):
+            if name is None or name not in segs:
+                continue
+            segs.discard(name)
+            p = os.path.join(self.root, name)
+            try:
+                seg = Segment.open(p)
+            except (OSError, ValueError) as e:
+                gone.append(Discarded(rank, p, f"unusable segment: {e}"))
+                unlink_quietly(p)
+                continue
+            try:
+                hdr = seg.check_identity(self.job_id, rank, b, slot.epoch)
+            except ValueError as e:
+                gone.append(Discarded(rank, p, str(e)))
+                seg.close(unlink=True)
+                continue
+            slot.segments[b] = seg
+            slot._next_gen = max(slot._next_gen, hdr.generation + 1)
+            self._account(HEADER_SIZE + seg.capacity)
+        for n in segs:  # e.g. a growth interrupted before the record named the new file
+            gone.append(Discarded(rank, os.path.join(self.root, n), "orphan segment"))
+            unlink_quietly(os.path.join(self.root, n))
+        info, cb = None, None
+        if rec["committed"] is not None:
+            gen, cb = rec["committed"]
+            slot._next_gen = max(slot._next_gen, gen + 1)
+            try:
+                info = slot._check(cb, gen, verify=True)[1]
+                slot.committed = (gen, cb)
+            except ValueError as e:
+                seg = slot.segments[cb]
+                gone.append(Discarded(rank, seg.path if seg else f"buffer {cb}", str(e)))
+                if seg is not None:
+                    seg.set_state(EMPTY)
+        for b, seg in enumerate(slot.segments):
+            if seg is not None and b != cb and (hs := seg.header())[1] != EMPTY:
+                why = f"{STATE_NAMES[hs[1]]} generation {hs[0].generation} (step {hs[0].step})"
+                gone.append(Discarded(rank, seg.path, f"{why} is not the last committed one"))
+                seg.set_state(EMPTY)  # never mistaken for a snapshot again; memory reused
+        slot._write_record()
+        with self._lock:
+            self._slots[rank] = slot
+        return info
+
+    def _record_path(self, rank: int) -> str:
+        return os.path.join(self.root, f"{PREFIX}{self.job_id}.r{rank}.slot")
+
+    def _files(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for name in os.listdir(self.root):
+            m = self._names.fullmatch(name)
+            if m:
+                out.setdefault(int(m[1]), []).append(name)
+        return out
+
+    def _reserve(self, old_size: int, cap: int, exact: int) -> int | None:
+        """Swap ``old_size`` bytes of budget for ``cap`` (or ``exact``) bytes; None: no room."""
+        with self._lock:
+            room = self.budget_bytes - (self._used - old_size) - HEADER_SIZE
+            if cap > room:
+                cap = exact
+            if cap > room:
+                return None
+            self._used += HEADER_SIZE + cap - old_size
+            return cap
+
+    def _account(self, delta: int = 0, discarded: Discarded | None = None) -> None:
+        with self._lock:
+            self._used += delta
+            if discarded is not None:
+                self.discarded.append(discarded)
