@@ -1,7 +1,6 @@
 """Peer bulk transfer on loopback: gRPC streaming vs dedicated socket channels, one run.
 
-    python bench/peer_transfer.py --out /tmp/peer.json
-    python bench/peer_transfer.py --sizes 256M --repeats 1 --cases channel   # quick check
+    python bench/peer_transfer.py --out /tmp/peer.json    # or: --sizes 256M --cases channel
 
 Every case starts a server process and a client process (so neither sees the other's
 memory or GIL) and moves bytes from a pre-touched source buffer to a pre-touched
@@ -29,11 +28,13 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -76,11 +77,9 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
 
 def touched(nbytes: int) -> bytearray:
     """A buffer with every page faulted in and non-trivial content."""
-    buf = bytearray(nbytes)
-    block = os.urandom(min(nbytes, 16 * MiB))
+    buf, block = bytearray(nbytes), os.urandom(min(nbytes, 16 * MiB))
     for pos in range(0, nbytes, len(block)):
-        n = min(len(block), nbytes - pos)
-        buf[pos : pos + n] = block[:n]
+        buf[pos : pos + len(block)] = block[: nbytes - pos]
     return buf
 
 
@@ -129,11 +128,8 @@ class _SlotPut:
     def buffer(self, offset: int, nbytes: int) -> memoryview:
         return self.slot[offset : offset + nbytes]
 
-    def commit(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 def _serve_grpc(mech: str, view: memoryview, sink: memoryview, msg: int, opts: dict) -> None:
@@ -341,8 +337,6 @@ def make_transfer(mech: str, addr: str, msg: int, opts: dict, out: memoryview) -
 
 
 def maxrss() -> int:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -451,12 +445,12 @@ def table(results: list[dict], sizes: list[int]) -> str:
 
 
 def parse_size(s: str) -> int:
-    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
-    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
+    unit = {"K": 1 << 10, "M": MiB, "G": 1 << 30}.get(s[-1].upper())
+    return int(float(s[:-1]) * unit) if unit else int(s)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("_serve", "_client"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("_serve", "_client"):  # the child processes
         spec = json.loads(sys.argv[2])
         if sys.argv[1] == "_serve":
             serve(spec["mech"], int(sys.argv[3]), spec["msg"], spec["opts"], sys.argv[4])
@@ -475,8 +469,6 @@ def main() -> None:
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     wanted = [w for w in args.cases.split(",") if w]
     names = [c for c in CASES if not wanted or any(c.startswith(w) for w in wanted)]
-    import tempfile
-
     import grpc
 
     meta = {

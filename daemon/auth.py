@@ -6,15 +6,25 @@ compares it in constant time (``hmac.compare_digest``) with the job token and an
 that Kubernetes' native gRPC probes, which cannot send metadata, work. The token lives in a
 :class:`Secret`, which never prints itself; neither the token nor the received header is
 ever logged.
+
+:func:`prepare_socket_path` guards the other door, the unix socket: its directory must be
+ours and private (0700), the socket 0600.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import os
+import socket
+import stat
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
+
+from ckptd.errors import CkptError
 
 AUTH_METADATA_KEY = "authorization"
 BEARER_PREFIX = "Bearer "
@@ -120,3 +130,63 @@ def _rejecting(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcM
     if handler is not None and handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(abort)
     return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class UnsafePathError(CkptError, PermissionError):
+    """The unix socket path is unsafe (symlink, wrong owner, group/world access)."""
+
+
+def prepare_socket_path(path: str) -> None:
+    """Make ``path``'s directory safe for a 0600 socket, or raise :class:`UnsafePathError`.
+
+    The directory is created with mode 0700 if missing (its parent must exist); an existing
+    one must be a real directory (not a symlink) owned by our effective uid with no group or
+    world permissions. A leftover socket that nobody answers on is removed; anything else
+    at ``path`` (a live daemon, a file, a symlink) is refused.
+    """
+    sock, directory = Path(path), Path(path).parent
+    hint = ("point socket_path into a directory that only the ckptd user can access "
+            "(ckptd creates it with mode 0700 when it does not exist)")
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        try:
+            os.mkdir(directory, 0o700)
+        except OSError as exc:
+            raise UnsafePathError(f"cannot create socket directory {directory}: "
+                                  f"{exc.strerror}") from exc
+        st = os.lstat(directory)
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(f"socket directory {directory} is a symlink; {hint}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"socket directory {directory} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafePathError(f"socket directory {directory} is owned by uid {st.st_uid}, "
+                              f"not by this process (uid {os.geteuid()}); {hint}")
+    if mode & 0o002:
+        raise UnsafePathError(f"socket directory {directory} is world-writable "
+                              f"(mode {mode:04o}); {hint}")
+    if mode & 0o077:
+        raise UnsafePathError(f"socket directory {directory} has mode {mode:04o}, it must "
+                              f"be 0700 (chmod 0700 {directory}); {hint}")
+    if not os.path.lexists(sock):
+        return
+    if not stat.S_ISSOCK(os.lstat(sock).st_mode):
+        raise UnsafePathError(f"{sock} exists and is not a socket; remove it or choose "
+                              "another socket_path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(sock))
+    except ConnectionRefusedError:
+        os.unlink(sock)  # stale socket from a daemon that died
+        logging.getLogger(__name__).info("removed stale socket %s", sock)
+        return
+    except OSError as exc:  # e.g. a live but hung daemon: never remove its socket
+        raise UnsafePathError(f"cannot tell whether {sock} is in use ({exc}); is a ckptd "
+                              "already running on this node?") from exc
+    finally:
+        probe.close()
+    raise UnsafePathError(f"another process is listening on {sock}; is a ckptd already "
+                          "running on this node?")

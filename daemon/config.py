@@ -33,10 +33,8 @@ one (``CKPTD_LISTEN__PORT=7000``, ``CKPTD_PEERS__STATIC=a=h1:7477,b=h2:7477``); 
 over the file. ``CKPTD_SOCKET`` is an alias of ``socket_path`` (the name clients use),
 ``CKPTD_JOB_TOKEN`` carries the job token itself, ``CKPTD_CONFIG`` names the file. Any
 other ``CKPTD_*`` variable is an error (a typo must not be silently ignored).
-
-Every problem is collected and reported at once in a :class:`ConfigError` naming the
-field (``listen.port``) and, for env values, the variable. The token is a :class:`Secret`:
-never printed, logged or written by :meth:`DaemonConfig.to_yaml`.
+Every problem is reported at once in a :class:`ConfigError` naming the field (and the env
+variable). The token is a :class:`Secret`: never printed, logged or written by ``to_yaml``.
 """
 
 from __future__ import annotations
@@ -239,26 +237,19 @@ def parse_peer(value: Any) -> PeerEntry:
         raise ValueError(f"expected 'name=host:port' or a mapping, got {value!r}")
     if not isinstance(address, str):
         raise ValueError(f"missing address in {value!r}")
-    split_address(address)
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port with a port in 1..65535, got {address!r}")
     if name and not _NAME_RE.match(name):
         raise ValueError(f"invalid node name {name!r}")
     return PeerEntry(address=address, name=name)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> ``(host, port)``; ``ValueError`` if malformed."""
-    host, sep, port_text = address.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"expected host:port with a port in 1..65535, got {address!r}")
-    return host, int(port_text)
 
 
 # ----------------------------------------------------------------------------- internals
 
 
 def _masked(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else v)
+    return {k: "***" if any(h in k.lower() for h in _SECRET_HINTS) else v
             for k, v in options.items()}
 
 
@@ -291,13 +282,10 @@ class _Reader:
 
     def section(self, name: str) -> dict[str, Any]:
         value = self.raw.get(name)
-        self.seen.add(name)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
+        if not isinstance(value, dict | None) and name not in self.seen:
             self.problems.append(f"{name}: must be a mapping, got {type(value).__name__}")
-            return {}
-        return value
+        self.seen.add(name)
+        return value if isinstance(value, dict) else {}
 
     def get(self, path: str, kind: str, default: Any, check: Callable[[Any], str | None]
             | None = None) -> Any:
@@ -308,7 +296,7 @@ class _Reader:
         value = node.get(key)
         if value is None:
             return default
-        label = f"{path} (from {value.source})" if isinstance(value, EnvValue) else path
+        label = _label(path, value)
         try:
             result = _convert(value, kind)
         except ValueError as exc:
@@ -323,29 +311,37 @@ class _Reader:
     def check_unknown(self) -> None:
         for key, value in self.raw.items():
             if isinstance(value, dict) and key in self.seen:
-                self.problems.extend(f"{key}.{sub}: unknown setting" for sub in value
-                                     if f"{key}.{sub}" not in self.seen)
+                self.problems.extend(f"{_label(f'{key}.{sub}', v)}: unknown setting"
+                                     for sub, v in value.items() if f"{key}.{sub}" not in self.seen)
             elif key not in self.seen:
-                self.problems.append(f"{key}: unknown setting")
+                self.problems.append(f"{_label(key, value)}: unknown setting")
+
+
+def _label(path: str, value: Any) -> str:
+    return f"{path} (from {value.source})" if isinstance(value, EnvValue) else path
+
+
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "size": ((int,), "a size"), "port": ((int,), "an integer port"),
+    "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+    "list": ((list,), "a list"), "map": ((dict,), "a mapping"), "str": ((str,), "a string")}
 
 
 def _convert(value: Any, kind: str) -> Any:
-    if isinstance(value, EnvValue) and kind == "list":
-        return [item.strip() for item in value.split(",") if item.strip()]
-    if isinstance(value, EnvValue) and kind not in ("str", "any", "size"):
-        value = yaml.safe_load(value)  # "7477" -> 7477, "true" -> True, "x" stays a str
+    if isinstance(value, EnvValue):
+        text = str(value)
+        if kind == "list":
+            return [item.strip() for item in text.split(",") if item.strip()]
+        value = text if kind in ("str", "any", "size") else yaml.safe_load(text)  # "1" -> 1
     if kind == "any":
         return value
     if kind == "size" and isinstance(value, str | int) and not isinstance(value, bool):
         return parse_size(value)
-    expected = {"int": int, "size": int, "port": int, "float": (int, float), "bool": bool,
-                "list": list, "map": dict, "str": str}[kind]
-    if not isinstance(value, expected) or (isinstance(value, bool) and kind != "bool"):
-        noun = {"int": "an integer", "size": "a size", "port": "an integer port",
-                "float": "a number", "bool": "true or false", "list": "a list",
-                "map": "a mapping", "str": "a string"}[kind]
+    types, noun = _KINDS[kind]
+    if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
         raise ValueError(f"must be {noun}, got {type(value).__name__} {value!r}")
-    return float(value) if kind == "float" else value
+    result: Any = value
+    return float(result) if kind == "float" else result
 
 
 def _port(allow_zero: bool = True) -> Callable[[int], str | None]:

@@ -1,10 +1,8 @@
 """Wire format of the peer data channel: framed, checksummed, authenticated bulk bytes.
 
-gRPC stays the daemons' control plane; this channel carries only bulk bytes (snapshot
-shards, byte ranges for resharding), because gRPC's Python streaming stays far below
-the 1 GB/s target on loopback (``bench/peer_transfer.py``: it copies every message into
-``bytes`` on both sides), while plain blocking sockets that ``recv_into`` the
-destination buffer reach several GB/s.
+gRPC stays the control plane; bulk bytes (shards, ranges for resharding) take this
+channel because gRPC's Python streaming stays below 1 GB/s on loopback while sockets that
+``recv_into`` the destination do not (measured side by side: ``bench/peer_transfer.py``).
 
 Every frame is a fixed 40-byte header, then ``key_len`` bytes of UTF-8 key, then
 ``length`` bytes of payload::
@@ -35,9 +33,8 @@ Then any number of requests, one at a time per connection:
   order, LAST on the final one (``total`` of DATA = object size), or ERROR.
 * STAT: server replies OK with ``total`` = object size, or ERROR.
 
-A receiver that sees a malformed header replies ERROR (best effort) and closes the
-connection: after a framing error the byte stream cannot be trusted.  No pickle, no
-self-describing payloads: every byte on the wire is described here.
+On a malformed header the receiver replies ERROR (best effort) and closes: the byte
+stream cannot be trusted after a framing error.  No pickle: every byte is described here.
 """
 
 from __future__ import annotations
@@ -58,7 +55,7 @@ import crc32c
 from ckptd.errors import CkptError, IntegrityError, StorageError
 
 if TYPE_CHECKING:
-    from ckptd.daemon.transport import BlobStore, TransportFaults
+    from ckptd.daemon.transport import BlobStore, PutHandle, TransportFaults
 
 MAGIC = b"CKDT"
 PROTOCOL_VERSION = 1
@@ -134,11 +131,7 @@ _CODE_TO_ERROR: dict[ErrorCode, type[Exception]] = {
 
 def error_for(code: int, message: str, peer: str) -> Exception:
     """The typed exception for an ERROR frame received from ``peer``."""
-    try:
-        cls = _CODE_TO_ERROR[ErrorCode(code)]
-    except ValueError:
-        cls = ProtocolError
-    return cls(f"peer {peer}: {message}")
+    return _CODE_TO_ERROR.get(code, ProtocolError)(f"peer {peer}: {message}")
 
 
 def describe(exc: BaseException) -> str:
@@ -148,12 +141,11 @@ def describe(exc: BaseException) -> str:
 
 def code_for(exc: BaseException) -> ErrorCode:
     """The ERROR code that reports ``exc`` to the peer (inverse of ``error_for``)."""
-    for code, cls in _CODE_TO_ERROR.items():
-        if type(exc) is cls:
+    for code in (ErrorCode.TOO_LARGE, ErrorCode.VERSION, ErrorCode.AUTH, ErrorCode.INTEGRITY):
+        if isinstance(exc, _CODE_TO_ERROR[code]):
             return code
-    for cls, code in ((KeyError, ErrorCode.NOT_FOUND), (IntegrityError, ErrorCode.INTEGRITY),
-                      (IndexError, ErrorCode.RANGE), (OSError, ErrorCode.STORAGE),
-                      (MemoryError, ErrorCode.STORAGE), (StorageError, ErrorCode.STORAGE)):
+    for cls, code in ((KeyError, ErrorCode.NOT_FOUND), (IndexError, ErrorCode.RANGE),
+                      (OSError | MemoryError | StorageError, ErrorCode.STORAGE)):
         if isinstance(exc, cls):
             return code
     return ErrorCode.PROTOCOL
@@ -187,21 +179,15 @@ def unpack_header(raw: Buffer, max_frame: int) -> Header:
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic {bytes(magic)!r} (not a ckptd data channel?)")
     if version != PROTOCOL_VERSION:
-        raise VersionError(
-            f"unsupported data-channel protocol version {version} (this peer speaks "
-            f"{PROTOCOL_VERSION}); run the same ckptd version on every node"
-        )
-    try:
-        op_ = Op(op)
-    except ValueError:
-        raise ProtocolError(f"unknown frame op {op}") from None
+        raise VersionError(f"unsupported data-channel protocol version {version} (this peer "
+                           f"speaks {PROTOCOL_VERSION}); run the same ckptd version everywhere")
+    if not 1 <= op <= len(Op):
+        raise ProtocolError(f"unknown frame op {op}")
     if key_len > MAX_KEY_BYTES:
         raise ProtocolError(f"key of {key_len} bytes exceeds the {MAX_KEY_BYTES}-byte limit")
     if length > max_frame:
-        raise FrameTooLargeError(
-            f"frame payload of {length} bytes exceeds the {max_frame}-byte limit"
-        )
-    return Header(op_, Flag(flags), key_len, offset, length, total, crc, version)
+        raise FrameTooLargeError(f"frame payload of {length} bytes exceeds the limit {max_frame}")
+    return Header(Op(op), Flag(flags), key_len, offset, length, total, crc, version)
 
 
 def encode_key(key: str) -> bytes:
@@ -225,11 +211,8 @@ class FrameSocket:
     """
 
     def __init__(self, sock: socket.socket, max_frame: int, peer: str) -> None:
-        self.sock = sock
-        self.max_frame = max_frame
-        self.peer = peer
+        self.sock, self.max_frame, self.peer = sock, max_frame, peer
         self._hdr = bytearray(HEADER_SIZE)
-        self._hdr_view = memoryview(self._hdr)
 
     def recv_into(self, view: memoryview) -> None:
         """Fill ``view`` completely, straight from the socket (no intermediate buffer)."""
@@ -241,20 +224,17 @@ class FrameSocket:
             pos += got
 
     def recv_header(self) -> Header:
-        self.recv_into(self._hdr_view)
+        self.recv_into(memoryview(self._hdr))
         return unpack_header(self._hdr, self.max_frame)
 
     def recv_small(self, n: int) -> bytes:
-        buf = bytearray(n)
-        self.recv_into(memoryview(buf))
-        return bytes(buf)
+        buf = memoryview(bytearray(n))
+        self.recv_into(buf)
+        return buf.tobytes()
 
     def send(self, header: Header, key: bytes = b"", payload: Buffer = b"") -> None:
         """One frame; header and key go in one write, the payload from the caller's buffer."""
-        if key:
-            self.sock.sendall(header.pack() + key)
-        else:
-            self.sock.sendall(header.pack())
+        self.sock.sendall(header.pack() + key if key else header.pack())
         if header.length:
             self.sock.sendall(payload)
 
@@ -291,35 +271,23 @@ def parse_address(address: str) -> tuple[int, Any]:
     if not sep or not port.isdigit():
         raise ValueError(f"bad data-channel address {address!r}: want host:port or unix:/path")
     host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host, int(port))
-
-
-# ----------------------------------------------------------------------------- server
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
 
 
 class DataServer:
     """Serves a ``BlobStore`` on a TCP or unix socket: one thread per connection.
 
     ``start()`` binds and returns the address to advertise (port 0 picks a free port);
-    ``close()`` stops accepting and closes every connection.  ``io_timeout`` bounds every
-    read/write inside a request, ``idle_timeout`` how long a pooled connection may sit
-    idle, so a stalled or vanished client never pins a thread for ever.  At most
-    ``max_connections`` connections are served at once (each costs a thread and a header
-    buffer: payloads move between the socket and the store's own buffers).
+    ``close()`` stops accepting and closes every connection.  ``io_timeout`` bounds each
+    read/write in a request, ``idle_timeout`` an idle pooled connection: a stalled client
+    never pins a thread.  At most ``max_connections`` at once (each costs a thread and a
+    header buffer: payloads move between the socket and the store's own buffers).
     """
 
     def __init__(
-        self,
-        bind: str,
-        token: bytes,
-        store: BlobStore,
-        *,
-        frame_size: int = DEFAULT_FRAME_BYTES,
-        max_frame: int = DEFAULT_MAX_FRAME_BYTES,
-        io_timeout: float = 30.0,
-        idle_timeout: float = 300.0,
-        max_connections: int = 64,
+        self, bind: str, token: bytes, store: BlobStore, *,
+        frame_size: int = DEFAULT_FRAME_BYTES, max_frame: int = DEFAULT_MAX_FRAME_BYTES,
+        io_timeout: float = 30.0, idle_timeout: float = 300.0, max_connections: int = 64,
         faults: TransportFaults | None = None,
     ) -> None:
         if not token:
@@ -333,17 +301,14 @@ class DataServer:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self.address = ""
+        self._lock, self._closed, self.address = threading.Lock(), threading.Event(), ""
 
     def start(self) -> str:
         family, addr = parse_address(self.bind)
         sock = socket.socket(family, socket.SOCK_STREAM)
-        if family == socket.AF_UNIX:
-            if os.path.exists(addr):
-                os.unlink(addr)  # a stale socket from a previous run
-        else:
+        if family == socket.AF_UNIX and os.path.exists(addr):
+            os.unlink(addr)  # a stale socket from a previous run
+        elif family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tune_socket(sock)  # before listen: accepted sockets inherit the buffer sizes
         sock.bind(addr)
@@ -415,8 +380,7 @@ class DataServer:
         header = conn.recv_header()
         if header.op != Op.AUTH or header.length != 32 or header.key_len:
             raise ProtocolError("expected an AUTH frame after HELLO")
-        proof = conn.recv_small(32)
-        if not hmac.compare_digest(proof, auth_digest(self.token, nonce)):
+        if not hmac.compare_digest(conn.recv_small(32), auth_digest(self.token, nonce)):
             self._refuse(conn, ErrorCode.AUTH, "wrong data-channel token")
             return False
         conn.send(Header(Op.OK))
@@ -424,7 +388,7 @@ class DataServer:
 
     def _refuse(self, conn: FrameSocket, code: ErrorCode, message: str) -> None:
         """Send ERROR, then drain briefly so the close does not reset the reply away."""
-        try:
+        with contextlib.suppress(OSError):
             conn.send_error(code, message)
             conn.sock.shutdown(socket.SHUT_WR)
             conn.sock.settimeout(1.0)
@@ -432,8 +396,6 @@ class DataServer:
             for _ in range(64):
                 if not conn.sock.recv_into(scratch):
                     break
-        except OSError:
-            pass
 
     def _request(self, conn: FrameSocket, header: Header) -> None:
         raw_key = conn.recv_small(header.key_len)
@@ -457,13 +419,23 @@ class DataServer:
             raise ProtocolError(f"unexpected {header.op.name} frame where a request belongs")
 
     def _put(self, conn: FrameSocket, key: str, first: Header) -> None:
-        total, pos, header = first.total, 0, first
-        error: tuple[ErrorCode, str] | None = None
-        handle = None
+        handle: PutHandle | None = None
         try:
-            handle = self.store.begin_put(key, total)
+            handle = self.store.begin_put(key, first.total)
         except Exception as exc:  # e.g. over the memory budget: drain the frames, then refuse
-            error = (code_for(exc), f"put {key!r}: {describe(exc)}")
+            error: tuple[ErrorCode, str] | None = (code_for(exc), f"put {key!r}: {describe(exc)}")
+        else:
+            error = None
+        try:
+            self._receive_put(conn, key, first, handle, error)
+        except BaseException:
+            if handle is not None:
+                handle.abort()  # never leave a half-received object behind
+            raise
+
+    def _receive_put(self, conn: FrameSocket, key: str, first: Header,
+                     handle: PutHandle | None, error: tuple[ErrorCode, str] | None) -> None:
+        total, pos, header = first.total, 0, first
         scratch: memoryview | None = None
         while True:
             if header.op != Op.PUT or header.offset != pos or pos + header.length > total:

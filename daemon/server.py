@@ -24,7 +24,6 @@ import contextlib
 import os
 import signal
 import socket
-import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,11 +33,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ckptd.daemon.auth import TokenAuthInterceptor, bearer_metadata
+from ckptd.daemon.auth import (
+    TokenAuthInterceptor,
+    UnsafePathError,
+    bearer_metadata,
+    prepare_socket_path,
+)
 from ckptd.daemon.config import DaemonConfig
 from ckptd.daemon.logs import get_logger
 from ckptd.daemon.metrics import DaemonMetrics
-from ckptd.errors import CkptError
 from ckptd.rpc.v1 import daemon_pb2 as pb
 from ckptd.rpc.v1 import daemon_pb2_grpc as pb_grpc
 
@@ -50,10 +53,6 @@ DRAIN_GRACE_S = 5.0
 log = get_logger("ckptd.daemon.server")
 
 
-class UnsafePathError(CkptError, PermissionError):
-    """The unix socket path is unsafe (symlink, wrong owner, group/world access)."""
-
-
 def daemon_version() -> str:
     """The installed ``ckptd`` version."""
     from importlib.metadata import PackageNotFoundError, version
@@ -62,59 +61,6 @@ def daemon_version() -> str:
         return version("ckptd")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def prepare_socket_path(path: str) -> None:
-    """Make ``path``'s directory safe for a 0600 socket, or raise :class:`UnsafePathError`.
-
-    The directory is created with mode 0700 if missing (its parent must exist); an existing
-    one must be a real directory (not a symlink) owned by our effective uid with no group or
-    world permissions. A leftover socket that nobody answers on is removed; anything else
-    at ``path`` (a live daemon, a file, a symlink) is refused.
-    """
-    sock, directory = Path(path), Path(path).parent
-    hint = ("point socket_path into a directory that only the ckptd user can access "
-            "(ckptd creates it with mode 0700 when it does not exist)")
-    try:
-        st = os.lstat(directory)
-    except FileNotFoundError:
-        try:
-            os.mkdir(directory, 0o700)
-        except OSError as exc:
-            raise UnsafePathError(f"cannot create socket directory {directory}: "
-                                  f"{exc.strerror}") from exc
-        st = os.lstat(directory)
-    mode = stat.S_IMODE(st.st_mode)
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafePathError(f"socket directory {directory} is a symlink; {hint}")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafePathError(f"socket directory {directory} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise UnsafePathError(f"socket directory {directory} is owned by uid {st.st_uid}, "
-                              f"not by this process (uid {os.geteuid()}); {hint}")
-    if mode & 0o002:
-        raise UnsafePathError(f"socket directory {directory} is world-writable "
-                              f"(mode {mode:04o}); {hint}")
-    if mode & 0o077:
-        raise UnsafePathError(f"socket directory {directory} has mode {mode:04o}, it must "
-                              f"be 0700 (chmod 0700 {directory}); {hint}")
-    if not os.path.lexists(sock):
-        return
-    if not stat.S_ISSOCK(os.lstat(sock).st_mode):
-        raise UnsafePathError(f"{sock} exists and is not a socket; remove it or choose "
-                              "another socket_path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(sock))
-    except OSError:
-        os.unlink(sock)  # stale socket from a daemon that died
-        log.info("removed stale socket", path=str(sock))
-        return
-    finally:
-        probe.close()
-    raise UnsafePathError(f"another process is listening on {sock}; is a ckptd already "
-                          "running on this node?")
 
 
 def form_groups(node_names: Iterable[str], n: int) -> list[list[str]]:
@@ -234,7 +180,7 @@ class Membership:
 
     async def _probe(self, peer: PeerInfo) -> None:
         cfg = self._cfg
-        stub = pb_grpc.PeerStub(self._channel(peer.address))
+        stub = pb_grpc.PeerStub(self.channel(peer.address))
         request = pb.HeartbeatRequest(node=cfg.node_name, generation=self._generation,
                                       sent_unix_nanos=time.time_ns())
         code = grpc.StatusCode.UNKNOWN
@@ -289,7 +235,9 @@ class Membership:
                   old=peer.state, new=state, **fields)
             peer.state = state
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The (lazily created, cached) channel to a peer address, with this daemon's TLS,
+        message-size and reconnect settings; the data path reuses it. Loop-bound."""
         channel = self._channels.get(address)
         if channel is None:
             cfg = self._cfg
@@ -320,7 +268,7 @@ class Membership:
             try:
                 infos = await asyncio.wait_for(loop.getaddrinfo(
                     cfg.dns_name, cfg.dns_port, type=socket.SOCK_STREAM), timeout=10.0)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, asyncio.TimeoutError) as exc:
                 log.warning("peer DNS lookup failed", name=cfg.dns_name, error=str(exc))
             else:
                 for *_, sockaddr in infos:
@@ -402,8 +350,8 @@ class Daemon:
         cfg = self.config
         prepare_socket_path(cfg.socket_path)
         try:
-            unix = self._new_server("unix", [CONTROL_SERVICE], pb_grpc.add_ControlServicer_to_server,
-                                    ControlServicer(self))
+            unix = self._new_server("unix", [CONTROL_SERVICE],
+                                    pb_grpc.add_ControlServicer_to_server, ControlServicer(self))
             unix[0].add_insecure_port(f"unix:{cfg.socket_path}")
             tcp = self._new_server("tcp", [PEER_SERVICE], pb_grpc.add_PeerServicer_to_server,
                                    PeerServicer(self))
@@ -421,6 +369,8 @@ class Daemon:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         except BaseException:
             await self._close_servers(grace=None)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.socket_path)  # ours: prepare_socket_path removed any other
             raise
         await self.membership.start()
         await self._set_serving(True)

@@ -65,9 +65,6 @@ _CRC_OFF = _BODY_OFF + _BODY.size
 
 _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PREFIX = "ckptd-"  # every file the store makes starts with it (/dev/shm is shared)
-_SEGMENT_RE = re.compile(
-    r"ckptd-(?P<job>.+)\.r(?P<rank>\d+)\.b(?P<buffer>[01])\.(?P<serial>[0-9a-f]+)"
-)
 
 
 class SnapshotError(CkptError, RuntimeError):
@@ -91,12 +88,6 @@ def check_job_id(job_id: str) -> str:
 def segment_name(job_id: str, rank: int, buffer: int, serial: int) -> str:
     """File name of buffer ``buffer`` of ``(job_id, rank)``; ``serial`` changes on growth."""
     return f"{PREFIX}{job_id}.r{rank}.b{buffer}.{serial:x}"
-
-
-def parse_segment_name(name: str) -> tuple[str, int, int] | None:
-    """``(job_id, rank, buffer)`` of a segment file name, or None if it is not one."""
-    m = _SEGMENT_RE.fullmatch(name)
-    return (m["job"], int(m["rank"]), int(m["buffer"])) if m else None
 
 
 @dataclass(frozen=True)
@@ -171,9 +162,9 @@ class Segment:
             os.ftruncate(fd, size)
             _fallocate(fd, size, path)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-            # Pages exist after fallocate; one write per page makes sure they are resident
-            # and mapped writable here even where fallocate is missing (then this is what
-            # allocates them), so the trainer's copy never takes a major fault.
+            # Pages exist after fallocate; one write per page also allocates them where
+            # fallocate is missing, and leaves them mapped writable here: no save ever
+            # pays for allocating and zeroing a page.
             t = torch.frombuffer(mm, dtype=torch.uint8)
             t[::PAGE].zero_()
             del t
@@ -306,15 +297,19 @@ class WriteLease:
     nbytes: int
     capacity: int
 
+    @classmethod
+    def of(cls, path: str, h: Header) -> WriteLease:
+        return cls(path, h.job_id, h.rank, h.buffer, h.generation, h.step, h.length, h.capacity)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> WriteLease:
         lease = cls(**{k: obj[k] for k in cls.__dataclass_fields__})
-        if not os.path.isabs(lease.path) or parse_segment_name(os.path.basename(lease.path)) != (
-            lease.job_id, lease.rank, lease.buffer,
-        ):  # fmt: skip
+        check_job_id(lease.job_id)
+        prefix = segment_name(lease.job_id, lease.rank, lease.buffer, 0)[:-1]
+        if not os.path.isabs(lease.path) or not os.path.basename(lease.path).startswith(prefix):
             raise InvalidKeyError(f"lease path {lease.path!r} is not a segment of this slot")
         if not 0 <= lease.nbytes <= lease.capacity:
             raise InvalidKeyError(f"lease of {lease.nbytes} bytes > capacity {lease.capacity}")
@@ -438,8 +433,24 @@ def read_record(path: str, job_id: str, rank: int) -> dict[str, Any]:
     return rec
 
 
-def write_record(path: str, record: dict[str, Any]) -> None:
-    """Replace the small JSON file ``path`` atomically (a reader sees old or new, whole)."""
+def write_record(
+    path: str,
+    job_id: str,
+    rank: int,
+    epoch: int,
+    committed: tuple[int, int] | None,
+    buffers: list[str | None],
+) -> None:
+    """Replace a slot's record atomically (a reader sees the old or the new one, whole)."""
+    record = {
+        "magic": "ckptd-shm-slot",
+        "version": 1,
+        "job": job_id,
+        "rank": rank,
+        "epoch": epoch,
+        "committed": list(committed) if committed else None,
+        "buffers": buffers,
+    }
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -2,23 +2,20 @@
 
 Roles and call order:
 
-* The **daemon** owns a :class:`SnapshotStore` (``root`` is ``/dev/shm`` by default).  After
-  a restart it calls :meth:`SnapshotStore.adopt` once, before anything else, to take back
-  the snapshots a previous daemon process left (checked; the rest is discarded and said
-  why).  ``store.slot(rank)`` returns the rank's :class:`Slot` (a rank that was not adopted
-  starts over: whatever files it had are removed).
-* A save, for one rank: the daemon calls ``slot.begin(step, nbytes)`` and sends
-  ``writable.lease`` to the trainer; the trainer maps it with
-  ``shm.TrainerMappings.writable`` and copies its tensors in (the save's only copy); the
-  daemon then calls ``writable.commit(descriptor)``.  One writer per slot: a new ``begin``
-  supersedes an unfinished one (a trainer that crashed mid-copy and saves again).
-  ``writable.view()`` lets the daemon fill a snapshot itself (a rebuild from peers).
-* Readers in the daemon (persistence, erasure coding, restore) call ``slot.latest()``:
-  the last committed snapshot after checking magic, version, epoch, generation and
-  CRC32Cs, or None.  It is *pinned* until ``release()`` (or the ``with`` block ends): a
-  ``begin`` that needs that buffer waits for it (backpressure), then raises
-  ``SnapshotBusyError``.
-* ``store.release(rank)`` frees a slot's memory; ``store.close()`` keeps the files (adopt).
+* The **daemon** owns a :class:`SnapshotStore` (``root``: ``/dev/shm`` by default).  After a
+  restart it calls :meth:`SnapshotStore.adopt` first, to take back the snapshots the
+  previous daemon process left (checked; the rest is discarded, with the reason).
+  ``store.slot(rank)``: the rank's :class:`Slot` (a rank not adopted starts over).
+* A save of one rank: the daemon calls ``slot.begin(step, nbytes)`` and sends
+  ``writable.lease`` to the trainer, which maps it (``shm.TrainerMappings.writable``) and
+  copies its tensors in: the save's only copy; then the daemon calls
+  ``writable.commit(descriptor)``.  A new ``begin`` supersedes an unfinished write (a
+  trainer that died mid-copy).  ``writable.view()``: the daemon fills it itself (rebuild).
+* Daemon readers (persistence, erasure coding, restore) call ``slot.latest()``: the last
+  committed snapshot once magic, version, epoch, generation and CRC32Cs check out, else
+  None; *pinned* until ``release()``: a ``begin`` that needs its buffer waits (backpressure),
+  then raises ``SnapshotBusyError``.  ``store.release(rank)`` frees a slot's memory;
+  ``store.close()`` unmaps but keeps the files, for the next daemon's ``adopt``.
 
 Double buffering: a snapshot is written into the buffer that does *not* hold the last
 committed one, so a crash mid-write never damages it.  A slot's record file (JSON,
@@ -44,11 +41,13 @@ import os
 import re
 import secrets
 import threading
+from dataclasses import replace
 from typing import Any
 
 import crc32c
 import torch
 
+from ckptd.daemon import shm
 from ckptd.daemon.shm import (
     COMPLETE,
     EMPTY,
@@ -62,14 +61,6 @@ from ckptd.daemon.shm import (
     SnapshotBusyError,
     SnapshotError,
     SnapshotInfo,
-    WriteLease,
-    check_job_id,
-    json_descriptor,
-    page_round,
-    read_record,
-    segment_name,
-    unlink_quietly,
-    write_record,
 )
 from ckptd.errors import StagingBudgetError
 
@@ -109,14 +100,15 @@ class CompleteSnapshot:
 class WritableSnapshot:
     """A snapshot being written (state WRITING); ``commit`` or ``abort`` ends it."""
 
-    def __init__(self, slot: Slot, buffer: int, seg: Segment, lease: WriteLease) -> None:
-        self.lease = lease
-        self._slot, self._buffer, self._seg = slot, buffer, seg
+    def __init__(self, slot: Slot, seg: Segment, header: Header) -> None:
+        self.header = header
+        self.lease = shm.WriteLease.of(seg.path, header)  # for the trainer
+        self._slot, self._seg = slot, seg
         self.open = True
 
     def view(self) -> torch.Tensor:
         """uint8 tensor of ``lease.nbytes`` over the buffer (the daemon's own mapping)."""
-        return self._seg.tensor(self.lease.nbytes)
+        return self._seg.tensor(self.header.length)
 
     def commit(self, descriptor: dict[str, Any], payload_crc: int | None = None) -> SnapshotInfo:
         """Make this the slot's last committed snapshot (see the module docstring's order).
@@ -124,7 +116,7 @@ class WritableSnapshot:
         ``payload_crc``: the writer's CRC32C of the payload if it computed one while
         copying; otherwise it is computed here, after the copy (~13 GB/s, GIL released).
         """
-        return self._slot._commit(self, json_descriptor(descriptor), payload_crc)
+        return self._slot._commit(self, shm.json_descriptor(descriptor), payload_crc)
 
     def abort(self) -> None:
         """Give up this snapshot; the last committed one stays."""
@@ -151,7 +143,6 @@ class Slot:
         self._cond = threading.Condition()
         self._closed = False
 
-    # ------------------------------------------------------------------ writers
     def begin(self, step: int, nbytes: int, timeout: float | None = 30.0) -> WritableSnapshot:
         """Open the free buffer for a snapshot of ``nbytes`` (growing it if needed).
 
@@ -163,9 +154,7 @@ class Slot:
             raise ValueError(f"need step >= 0 and nbytes >= 0, got {step}, {nbytes}")
         with self._cond:
             self._check_open()
-            if self._writer is not None:  # superseded: its commit() will now fail
-                self._writer.open = False
-                self._writer = None
+            self._supersede()  # an unfinished write: its commit() will now fail
             target = 0 if self.committed is None else 1 - self.committed[1]
             if not self._cond.wait_for(lambda: self._pins[target] == 0, timeout):
                 raise SnapshotBusyError(
@@ -179,37 +168,32 @@ class Slot:
             seg = self.segments[target]
             if seg is None or seg.capacity < nbytes:
                 seg = self._grow(target, nbytes, step, serial=gen)
+            job, cap = self.store.job_id, seg.capacity
+            hdr = Header(target, self.epoch, gen, step, nbytes, cap, self.rank, 0, 0, 0, job)
             seg.set_state(WRITING)  # first: from here on this buffer is not COMPLETE
-            job = self.store.job_id
-            seg.write_header(
-                Header(target, self.epoch, gen, step, nbytes, seg.capacity, self.rank, 0, 0, 0, job)
-            )
-            lease = WriteLease(seg.path, job, self.rank, target, gen, step, nbytes, seg.capacity)
-            self._writer = WritableSnapshot(self, target, seg, lease)
+            seg.write_header(hdr)
+            self._writer = WritableSnapshot(self, seg, hdr)
             return self._writer
 
     def reserve(self, nbytes: int) -> None:
-        """Grow the free buffer(s) to ``nbytes`` ahead of time (off the trainer's stall).
-
-        Never touches the buffer holding the last committed snapshot, one being written,
-        or one pinned by a reader; call it again after the next commit for that one.
-        """
+        """Pre-allocate free buffers of ``nbytes`` now, off the trainer's stall (skips the
+        committed, written or pinned buffer: call it again after the next commit)."""
         with self._cond:
             self._check_open()
-            busy = {self.committed[1]} if self.committed else set()
-            if self._writer is not None:
-                busy.add(self._writer._buffer)
-            for b in (0, 1):
-                seg = self.segments[b]
-                if b not in busy and self._pins[b] == 0 and (seg is None or seg.capacity < nbytes):
+            busy = {
+                self.committed[1] if self.committed else -1,
+                self._writer.header.buffer if self._writer else -1,
+            }
+            for b, seg in enumerate(self.segments):
+                if b not in busy and not self._pins[b] and (seg is None or seg.capacity < nbytes):
                     self._next_gen += 1
                     self._grow(b, nbytes, None, serial=self._next_gen - 1)
 
     def _grow(self, b: int, nbytes: int, step: int | None, serial: int) -> Segment:
         old = self.segments[b]
         old_size = HEADER_SIZE + old.capacity if old else 0
-        exact = page_round(nbytes)
-        cap = max(exact, page_round(int(old.capacity * self.store.growth))) if old else exact
+        exact = shm.page_round(nbytes)
+        cap = max(exact, shm.page_round(int(old.capacity * self.store.growth))) if old else exact
         cap = self.store._reserve(old_size, cap, exact)  # atomic against other slots
         if cap is None:
             kept = f"generation {self.committed[0]}" if self.committed else "none"
@@ -228,9 +212,9 @@ class Slot:
             old.close(unlink=True)
             self.segments[b] = None
             self._write_record()
-        path = os.path.join(self.store.root, segment_name(self.store.job_id, self.rank, b, serial))
+        name = shm.segment_name(self.store.job_id, self.rank, b, serial)
         try:
-            seg = Segment.create(path, cap)
+            seg = Segment.create(os.path.join(self.store.root, name), cap)
         except BaseException:
             self.store._account(-(HEADER_SIZE + cap))
             raise
@@ -239,30 +223,24 @@ class Slot:
         return seg
 
     def _commit(self, w: WritableSnapshot, desc: bytes, crc: int | None) -> SnapshotInfo:
-        lease = w.lease
+        hdr = w.header
         if crc is None:  # outside the lock: ~80 ms per GiB; the writer is re-checked below
-            crc = crc32c.crc32c(w._seg.payload(lease.nbytes))
+            crc = crc32c.crc32c(w._seg.payload(hdr.length))
+        hdr = replace(hdr, payload_crc=crc, descriptor_len=len(desc))
+        hdr = replace(hdr, descriptor_crc=crc32c.crc32c(desc))
         with self._cond:
             if not w.open or self._writer is not w:
                 raise SnapshotError(
-                    f"rank {self.rank}: the write of step {lease.step} (generation "
-                    f"{lease.generation}) was superseded or aborted; nothing was committed"
+                    f"rank {self.rank}: the write of step {hdr.step} (generation "
+                    f"{hdr.generation}) was superseded or aborted; nothing was committed"
                 )
-            seg = w._seg
-            seg.write_descriptor(desc)
-            seg.write_header(
-                Header(
-                    w._buffer, self.epoch, lease.generation, lease.step, lease.nbytes,
-                    seg.capacity, self.rank, crc, len(desc), crc32c.crc32c(desc),
-                    self.store.job_id,
-                )
-            )  # fmt: skip
-            seg.set_state(COMPLETE)  # last write into the buffer
-            self.committed = (lease.generation, w._buffer)
+            w._seg.write_descriptor(desc)
+            w._seg.write_header(hdr)
+            w._seg.set_state(COMPLETE)  # last write into the buffer
+            self.committed = (hdr.generation, hdr.buffer)
             self._write_record()  # the commit point
-            w.open = False
-            self._writer = None
-            return SnapshotInfo(self.rank, lease.step, lease.generation, lease.nbytes, crc)
+            self._supersede()
+            return SnapshotInfo(self.rank, hdr.step, hdr.generation, hdr.length, crc)
 
     def _abort(self, w: WritableSnapshot) -> None:
         with self._cond:
@@ -271,7 +249,6 @@ class Slot:
                 self._writer = None
             w.open = False
 
-    # ------------------------------------------------------------------ readers
     def latest(self, verify: bool = True) -> CompleteSnapshot | None:
         """The last committed snapshot, verified and pinned; None if there is none.
 
@@ -287,13 +264,12 @@ class Slot:
             self._pins[b] += 1
         try:
             seg, info, desc = self._check(b, gen, verify)
-        except ValueError as e:
+        except BaseException as e:
             self._unpin(b)
+            if not isinstance(e, ValueError):
+                raise
             self._discard_committed(gen, b, str(e))
             return None
-        except BaseException:
-            self._unpin(b)
-            raise
         return CompleteSnapshot(self, b, seg, info, desc)
 
     def _check(
@@ -311,6 +287,8 @@ class Slot:
         with self._cond:
             seg = self.segments[b]
             path = seg.path if seg else f"buffer {b}"
+            if self._closed:  # released under the reader: nothing was wrong with the bytes
+                return
             if self.committed == (gen, b):
                 self.committed = None
                 self._write_record()
@@ -326,19 +304,15 @@ class Slot:
             self._pins[b] -= 1
             self._cond.notify_all()
 
-    # ------------------------------------------------------------------ bookkeeping
-
     def _write_record(self) -> None:
-        rec = {
-            "magic": "ckptd-shm-slot",
-            "version": 1,
-            "job": self.store.job_id,
-            "rank": self.rank,
-            "epoch": self.epoch,
-            "committed": list(self.committed) if self.committed else None,
-            "buffers": [os.path.basename(s.path) if s else None for s in self.segments],
-        }
-        write_record(self.store._record_path(self.rank), rec)
+        names = [os.path.basename(s.path) if s else None for s in self.segments]
+        path = self.store._record_path(self.rank)
+        shm.write_record(path, self.store.job_id, self.rank, self.epoch, self.committed, names)
+
+    def _supersede(self) -> None:
+        if self._writer is not None:
+            self._writer.open = False
+            self._writer = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -348,9 +322,7 @@ class Slot:
         """Unmap (and with ``unlink`` delete) the slot's files; returns the bytes freed."""
         with self._cond:
             self._closed = True
-            if self._writer is not None:
-                self._writer.open = False
-                self._writer = None
+            self._supersede()
             freed = 0
             for i, seg in enumerate(self.segments):
                 if seg is not None:
@@ -358,7 +330,7 @@ class Slot:
                     seg.close(unlink=unlink)
                     self.segments[i] = None
             if unlink:
-                unlink_quietly(self.store._record_path(self.rank))
+                shm.unlink_quietly(self.store._record_path(self.rank))
             self._cond.notify_all()
             return freed
 
@@ -367,17 +339,12 @@ class SnapshotStore:
     """Every slot of one job on this node, under one memory budget (see the module doc)."""
 
     def __init__(
-        self,
-        root: str | os.PathLike[str],
-        job_id: str,
-        budget_bytes: int,
-        *,
-        growth: float = 1.5,
+        self, root: str | os.PathLike[str], job_id: str, budget_bytes: int, growth: float = 1.5
     ) -> None:
         if budget_bytes <= 0 or growth < 1.0:
             raise ValueError(f"need budget_bytes > 0 and growth >= 1, got {budget_bytes}, {growth}")
         self.root = os.fspath(root)
-        self.job_id = check_job_id(job_id)
+        self.job_id = shm.check_job_id(job_id)
         self.budget_bytes = budget_bytes
         self.growth = growth
         self.discarded: list[Discarded] = []  # everything thrown away, with the reason
@@ -398,7 +365,7 @@ class SnapshotStore:
             slot = self._slots.get(rank)
             if slot is None:
                 for name in self._files().get(rank, []):  # not adopted: never reused
-                    unlink_quietly(os.path.join(self.root, name))
+                    shm.unlink_quietly(os.path.join(self.root, name))
                 slot = self._slots[rank] = Slot(self, rank, secrets.randbits(63) | 1)
                 slot._write_record()
             return slot
@@ -449,10 +416,10 @@ class SnapshotStore:
     ) -> SnapshotInfo | None:
         segs = {n for n in names if ".slot" not in n}
         try:
-            rec = read_record(self._record_path(rank), self.job_id, rank)
+            rec = shm.read_record(self._record_path(rank), self.job_id, rank)
         except (OSError, ValueError) as e:
             for n in names:
-                unlink_quietly(os.path.join(self.root, n))
+                shm.unlink_quietly(os.path.join(self.root, n))
                 if n in segs:
                     gone.append(Discarded(rank, os.path.join(self.root, n), f"slot record: {e}"))
             return None
@@ -466,7 +433,7 @@ class SnapshotStore:
                 seg = Segment.open(p)
             except (OSError, ValueError) as e:
                 gone.append(Discarded(rank, p, f"unusable segment: {e}"))
-                unlink_quietly(p)
+                shm.unlink_quietly(p)
                 continue
             try:
                 hdr = seg.check_identity(self.job_id, rank, b, slot.epoch)
@@ -479,7 +446,8 @@ class SnapshotStore:
             self._account(HEADER_SIZE + seg.capacity)
         for n in segs:  # e.g. a growth interrupted before the record named the new file
             gone.append(Discarded(rank, os.path.join(self.root, n), "orphan segment"))
-            unlink_quietly(os.path.join(self.root, n))
+        for n in segs | {n for n in names if n.endswith(".tmp")}:
+            shm.unlink_quietly(os.path.join(self.root, n))
         info, cb = None, None
         if rec["committed"] is not None:
             gen, cb = rec["committed"]
@@ -494,8 +462,8 @@ class SnapshotStore:
                     seg.set_state(EMPTY)
         for b, seg in enumerate(slot.segments):
             if seg is not None and b != cb and (hs := seg.header())[1] != EMPTY:
-                why = f"{STATE_NAMES[hs[1]]} generation {hs[0].generation} (step {hs[0].step})"
-                gone.append(Discarded(rank, seg.path, f"{why} is not the last committed one"))
+                why = "interrupted write" if hs[1] == WRITING else "not the last committed one"
+                gone.append(Discarded(rank, seg.path, f"{why}: generation {hs[0].generation}"))
                 seg.set_state(EMPTY)  # never mistaken for a snapshot again; memory reused
         slot._write_record()
         with self._lock:
