@@ -12,6 +12,7 @@ follows the parameters through any layout change.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -58,8 +59,12 @@ class FlatState:
             fn()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def validate_state_key(key: str) -> str:
-    """Reject keys that cannot name a tensor safely (empty parts, ``/``, NUL, ``..``)."""
+    """Reject keys that cannot name a tensor safely (empty parts, ``/``, NUL, ``..``).
+
+    Cached: a trainer saves the same keys every time, and this runs in the stall.
+    """
     if not key or any(c in key for c in ("/", "\\", "\x00")) or any(ord(c) < 32 for c in key):
         raise InvalidKeyError(f"state key {key!r} contains '/', '\\\\', NUL or a control char")
     if key.startswith(".") or key.endswith(".") or ".." in key or key.startswith("__"):

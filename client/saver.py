@@ -111,6 +111,7 @@ class Saver:
         self._pool = ArenaPool(config.max_inflight_saves, config.staging_budget_bytes)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
         self._plans: dict[tuple[str, ...], PlanEntry] = {}
+        self._layouts: dict[Any, tuple[RankLayout, str]] = {}
         self._pending: list[SaveHandle] = []
         self._inflight_steps: set[int] = set()
         self._lock = threading.Lock()
@@ -135,8 +136,7 @@ class Saver:
         flat: FlatState | None = None
         try:
             flat = flatten_state(state)
-            lay = build_rank_layout(flat, layout, self.ctx.rank)
-            digest = lay.digest()
+            lay, digest = self._rank_layout(flat, layout)
         except CkptError as e:
             err, digest = e, ""
         gathered = self.ctx.all_gather((digest, describe(err) if err else None))
@@ -200,6 +200,30 @@ class Saver:
             self._worker.shutdown(wait=True)
             for gc in self._gcs.values():
                 gc.close()
+
+    def _rank_layout(self, flat: FlatState, layout: Layout | None) -> tuple[RankLayout, str]:
+        """This rank's layout and its digest, cached by a cheap signature of the state.
+
+        Resolving placements and hashing the layout cost ~0.1 s per 1,000 tensors, a
+        third of a save's stall; they only change when keys, shapes, dtypes, DTensor
+        placements or the Layout object change (Layouts are treated as immutable).
+        """
+        sig = (
+            id(layout),
+            tuple(
+                (k, tuple(t.shape), t.dtype, getattr(t, "placements", None))
+                for k, t in flat.tensors.items()
+            ),
+        )
+        hit = self._layouts.get(sig)
+        if hit is None:
+            lay = build_rank_layout(flat, layout, self.ctx.rank)
+            hit = (lay, lay.digest())
+            # One entry: a new layout replaces the old; keep the Layout object alive so
+            # that its id() is not reused by another object while cached.
+            self._layouts = {sig: hit}
+            self._layout_ref = layout
+        return hit
 
     def _plan(
         self, digests: tuple[str, ...], lay: RankLayout, flat: FlatState, policy: CodecPolicy
