@@ -24,6 +24,7 @@ Capability flags pick the commit strategy instead of ``NotImplementedError``:
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import re
@@ -219,9 +220,10 @@ class LocalWriteBatch(WriteBatch):
     file and directory) makes them durable before the commit marker is written.
     """
 
-    def __init__(self, storage: LocalStorage) -> None:
+    def __init__(self, storage: LocalStorage, direct: bool = True) -> None:
         super().__init__(storage)
         self._local = storage
+        self._direct = direct and hasattr(os, "O_DIRECT")
         self._lock = threading.Lock()
         self._files: list[str] = []
         self._dirs: set[str] = set()
@@ -239,13 +241,8 @@ class LocalWriteBatch(WriteBatch):
                         self._dirs.add(d)
                         d = os.path.dirname(d)
             view = as_bytes_view(data)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                done = 0
-                while done < view.nbytes:
-                    done += os.write(fd, view[done:])
-            finally:
-                os.close(fd)
+            if not (view.nbytes >= DIRECT_MIN_BYTES and self._direct and _write_direct(path, view)):
+                _write_buffered(path, view)
         with self._lock:
             self._files.append(path)
             self._dirs.add(parent)
@@ -268,6 +265,71 @@ class LocalWriteBatch(WriteBatch):
                     os.close(fd)
             for d in [*dirs, os.path.dirname(self._local.root)]:
                 _fsync_dir(d)
+
+
+DIRECT_MIN_BYTES = 1 << 20
+_DIRECT_ALIGN = 4096
+_BOUNCE_BYTES = 8 << 20
+_bounce = threading.local()
+
+
+def _write_buffered(path: str, view: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        done = 0
+        while done < view.nbytes:
+            done += os.write(fd, view[done:])
+    finally:
+        os.close(fd)
+
+
+def _write_direct(path: str, view: memoryview) -> bool:
+    """Write ``view`` with O_DIRECT through an aligned, reused bounce buffer.
+
+    Bypassing the page cache matters twice for checkpoints: the bytes are not read
+    back soon, and page cache must first be allocated. On this project's VMs that
+    allocation is the bottleneck (measured: 1 GiB write+fsync 5.6 s buffered after the
+    guest returned its free memory to the host, 1.2 s with O_DIRECT). The bounce copy
+    runs at memory speed. The tail is padded to the block size and the file truncated
+    back. Returns False (caller writes buffered) where the filesystem refuses O_DIRECT.
+    """
+    import mmap
+
+    bounce = getattr(_bounce, "buf", None)
+    if bounce is None:
+        bounce = mmap.mmap(-1, _BOUNCE_BYTES)  # page-aligned; pre-fault it once
+        bounce.write(b"\0" * _BOUNCE_BYTES)
+        _bounce.buf = bounce
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o644
+        )
+    except OSError:
+        return False
+    try:
+        n = view.nbytes
+        bmv = memoryview(bounce)
+        off = 0
+        while off < n:
+            size = min(_BOUNCE_BYTES, n - off)
+            bmv[:size] = view[off : off + size]
+            padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            if padded != size:
+                bmv[size:padded] = bytes(padded - size)
+            done = 0
+            while done < padded:
+                done += os.pwrite(fd, bmv[done:padded], off + done)
+            off += size
+        if n % _DIRECT_ALIGN:
+            os.ftruncate(fd, n)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # e.g. a filesystem without O_DIRECT support
+            os.close(fd)
+            return False
+        os.close(fd)
+        raise
+    os.close(fd)
+    return True
 
 
 def _syncfs(path: str) -> bool:
