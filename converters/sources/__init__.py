@@ -15,13 +15,17 @@ from ckptd.converters.sources.base import (
     TensorInfo,
 )
 from ckptd.converters.sources.dcp import DCPSource
+from ckptd.converters.sources.deepspeed import DeepSpeedSource
 from ckptd.converters.sources.hf import HFSource
+from ckptd.converters.sources.megatron import MegatronSource
 from ckptd.converters.sources.universal import UniversalSource
 
 SOURCES: dict[str, type[Source]] = {
     "universal": UniversalSource,
     "hf": HFSource,
     "dcp": DCPSource,
+    "deepspeed": DeepSpeedSource,
+    "megatron": MegatronSource,
 }
 ALIASES = {"safetensors": "hf", "huggingface": "hf", "torch-dcp": "dcp"}
 

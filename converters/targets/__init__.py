@@ -10,12 +10,14 @@ from ckptd.converters.sources.base import FormatDetectionError
 from ckptd.converters.targets.base import Existing, Target, TargetLayout, TargetOptions
 from ckptd.converters.targets.dcp import DCPTarget
 from ckptd.converters.targets.hf import HFTarget
+from ckptd.converters.targets.megatron import MegatronTarget
 from ckptd.converters.targets.universal import UniversalTarget
 
 TARGETS: dict[str, type[Target]] = {
     "universal": UniversalTarget,
     "hf": HFTarget,
     "dcp": DCPTarget,
+    "megatron": MegatronTarget,
 }
 ALIASES = {"safetensors": "hf", "huggingface": "hf", "torch-dcp": "dcp"}
 
