@@ -114,3 +114,15 @@ def test_partition_mismatch_is_a_typed_error(tmp_path: Path) -> None:
     os.remove(tmp_path / "ds" / "global_step5" / "zero_pp_rank_3_mp_rank_00_optim_states.pt")
     with pytest.raises(SourceFormatError, match="partition_count 4"):
         DeepSpeedSource(str(tmp_path / "ds"))
+
+
+
+def test_deepspeed_root_is_detected_without_from(tmp_path: Path) -> None:
+    """A DeepSpeed root has a `latest` file, like a universal root: only DeepSpeed
+    may claim it, so conversion works without --from."""
+    from ckptd.converters.sources import detect_source
+
+    fx.write_deepspeed(tmp_path / "ds", fx.tiny_state(2), stage=2, dp=2, step=3)
+    assert detect_source(str(tmp_path / "ds")) == "deepspeed"
+    r = convert(str(tmp_path / "ds"), str(tmp_path / "uni"), ConvertOptions())
+    assert r.plan.source_format == "deepspeed"

@@ -47,8 +47,8 @@ class UniversalSource(Source):
         root, step = split_step_dir(path.removeprefix("file://"))
         if step is not None:
             return os.path.isfile(os.path.join(path, commit_mod.MARKER_NAME))
-        if os.path.isfile(os.path.join(root, commit_mod.LATEST_KEY)):
-            return True
+        # A bare `latest` file is not enough: DeepSpeed roots have one too. Only step-N
+        # directories (committed or not) mark a universal root.
         try:
             names = os.listdir(root)
         except OSError:
