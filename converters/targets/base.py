@@ -128,6 +128,32 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def remove_outputs(
+    directory: str,
+    names: Sequence[str] = (),
+    patterns: Sequence[str] = (),
+    dirs: Sequence[str] = (),
+) -> None:
+    """Delete what a target wrote in ``directory`` (files by name or glob, whole sub-
+    directories), then fsync it; nothing else there is touched (``--overwrite``)."""
+    import glob
+    import shutil
+
+    if not os.path.isdir(directory):
+        return
+    doomed = [os.path.join(directory, n) for n in names]
+    for pat in patterns:
+        doomed += glob.glob(os.path.join(glob.escape(directory), pat))
+    for p in doomed:
+        if os.path.isfile(p):
+            os.unlink(p)
+    for sub in dirs:
+        full = os.path.join(directory, sub)
+        if os.path.isdir(full):
+            shutil.rmtree(full)
+    fsync_dir(directory)
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``path`` via a fsync'd temp file and a rename (readers never see a part)."""
     tmp = f"{path}.tmp-{os.getpid()}"

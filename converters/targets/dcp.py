@@ -41,8 +41,8 @@ from ckptd.converters.targets.base import (
     TargetLayout,
     WriteOutcome,
     atomic_write,
-    fsync_dir,
     local_path,
+    remove_outputs,
 )
 from ckptd.dtypes import torch_dtype
 
@@ -99,16 +99,11 @@ class DCPTarget(Target):
         return Existing.ABSENT
 
     def clear(self) -> None:
-        d = self._dir()
-        if not os.path.isdir(d):
-            return
-        doomed = [os.path.join(d, n) for n in (COMPLETE_MARKER, METADATA_NAME, PROGRESS_NAME)]
-        doomed += glob.glob(os.path.join(glob.escape(d), "*.distcp"))
-        doomed += glob.glob(os.path.join(glob.escape(d), ".metadata.tmp"))
-        for p in doomed:
-            if os.path.isfile(p):
-                os.unlink(p)
-        fsync_dir(d)
+        remove_outputs(
+            self._dir(),
+            names=(COMPLETE_MARKER, METADATA_NAME, PROGRESS_NAME),
+            patterns=("*.distcp", ".metadata.tmp"),
+        )
 
     def write(
         self,

@@ -37,6 +37,7 @@ from ckptd.converters.targets.base import (
     atomic_write,
     fsync_dir,
     local_path,
+    remove_outputs,
 )
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -108,16 +109,11 @@ class HFTarget(Target):
         return Existing.OTHER if ours else Existing.ABSENT
 
     def clear(self) -> None:
-        d = self._dir()
-        if not os.path.isdir(d):
-            return
-        doomed = [os.path.join(d, n) for n in (COMPLETE_MARKER, PROGRESS_NAME)]
-        for pat in ("*.safetensors", "*.safetensors.index.json", ".*.safetensors.partial"):
-            doomed += glob.glob(os.path.join(glob.escape(d), pat))
-        for p in doomed:
-            if os.path.isfile(p):
-                os.unlink(p)
-        fsync_dir(d)
+        remove_outputs(
+            self._dir(),
+            names=(COMPLETE_MARKER, PROGRESS_NAME),
+            patterns=("*.safetensors", "*.safetensors.index.json", ".*.safetensors.partial"),
+        )
 
     def write(
         self,

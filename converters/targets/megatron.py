@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,7 @@ from ckptd.converters.targets.base import (
     atomic_write,
     fsync_dir,
     local_path,
+    remove_outputs,
 )
 from ckptd.dtypes import dtype_name, torch_dtype
 from ckptd.errors import LayoutError
@@ -217,17 +217,7 @@ class MegatronTarget(Target):
         return Existing.ABSENT
 
     def clear(self) -> None:
-        d = self._dir()
-        if not os.path.isdir(d):
-            return
-        for n in (COMPLETE_MARKER, LATEST, SIDECAR):
-            p = os.path.join(d, n)
-            if os.path.isfile(p):
-                os.unlink(p)
-        it = os.path.join(d, self._iter())
-        if os.path.isdir(it):
-            shutil.rmtree(it)
-        fsync_dir(d)
+        remove_outputs(self._dir(), names=(COMPLETE_MARKER, LATEST, SIDECAR), dirs=(self._iter(),))
 
     # ----------------------------------------------------------------------- write
     def write(
