@@ -184,7 +184,8 @@ def not_found_error(key: str, url: str) -> ObjectNotFoundError:
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory entry change (create, rename, unlink) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -264,7 +265,7 @@ class LocalWriteBatch(WriteBatch):
                 finally:
                     os.close(fd)
             for d in [*dirs, os.path.dirname(self._local.root)]:
-                _fsync_dir(d)
+                fsync_dir(d)
 
 
 DIRECT_MIN_BYTES = 1 << 20
@@ -393,7 +394,7 @@ class LocalStorage(Storage):
             os.mkdir(path)
         except FileExistsError:
             return  # another writer thread created it concurrently
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
     def _write_temp(self, key: str, data: Buffer) -> tuple[str, str]:
         """Write ``data`` to a fsync'd temp file next to ``key``; return (temp, final)."""
@@ -458,7 +459,7 @@ class LocalStorage(Storage):
             except BaseException:
                 os.unlink(tmp)
                 raise
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
 
     def _put_if_absent(self, key: str, data: Buffer) -> None:
         with self._mapped("put_if_absent", key):
@@ -470,7 +471,7 @@ class LocalStorage(Storage):
                 raise conflict_error(key, self.url) from None
             finally:
                 os.unlink(tmp)
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
 
     def _exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
@@ -487,7 +488,7 @@ class LocalStorage(Storage):
         try:
             with self._mapped("delete", key, missing=True):
                 os.unlink(path)
-                _fsync_dir(os.path.dirname(path))
+                fsync_dir(os.path.dirname(path))
         except ObjectNotFoundError:
             if not missing_ok:
                 raise
@@ -501,10 +502,10 @@ class LocalStorage(Storage):
                         shutil.rmtree(entry.path, ignore_errors=False)
                     else:
                         os.unlink(entry.path)
-                _fsync_dir(path)
+                fsync_dir(path)
             elif os.path.isdir(path):
                 shutil.rmtree(path)
-                _fsync_dir(os.path.dirname(path))
+                fsync_dir(os.path.dirname(path))
 
     def _list(self, prefix: str) -> list[str]:
         base = self._path(prefix)

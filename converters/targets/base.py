@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ckptd.converters.sources.base import PlanError, SourceState, TensorInfo
+from ckptd.formats.storage import fsync_dir
 
 Fetch = Callable[[str], torch.Tensor]
 OnDone = Callable[[str, int, bool], None]
@@ -117,15 +118,6 @@ def local_path(path: str, what: str) -> str:
     if "://" in path and not path.startswith("file://"):
         raise PlanError(f"the {what} target writes local directories only, got {path!r}")
     return path.removeprefix("file://")
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory entry change (create, rename, unlink) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_outputs(
