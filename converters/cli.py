@@ -20,6 +20,7 @@ import click
 from ckptd.converters.convert import ConvertOptions, execute, parse_size, plan_conversion
 from ckptd.converters.sources import SOURCES
 from ckptd.converters.sources.namemap import load_name_map
+from ckptd.converters.spec import parse_vars
 from ckptd.converters.targets import TARGETS
 from ckptd.errors import CkptError
 
@@ -110,6 +111,20 @@ def _print_plan(plan: dict[str, Any]) -> None:
     type=click.Path(dir_okay=False),
     help='JSON name map (exact renames, or {"rules": [...]} with regexes).',
 )
+@click.option(
+    "--var",
+    "variables",
+    multiple=True,
+    metavar="K=V",
+    help="Model variable for spec-driven formats (Megatron): --var heads=32 --var kv_heads=8.",
+)
+@click.option(
+    "--target-layout",
+    default=None,
+    metavar="tp=N,pp=M",
+    help="Parallel layout of a spec-driven target (Megatron), e.g. tp=4,pp=2.",
+)
+@click.option("--spec", default=None, help="Shipped reshard spec name or a .ckspec path.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option(
     "--progress/--no-progress",
@@ -129,6 +144,9 @@ def main(
     weights_only: bool,
     max_shard_size: int,
     rename_map: str | None,
+    variables: tuple[str, ...],
+    target_layout: str | None,
+    spec: str | None,
     as_json: bool,
     progress: bool | None,
 ) -> None:
@@ -144,6 +162,11 @@ def main(
             max_shard_size=max_shard_size,
             name_map=load_name_map(rename_map) if rename_map else None,
             progress=sys.stderr.isatty() if progress is None else progress,
+            variables=tuple(sorted(parse_vars(list(variables)).items())),
+            target_layout=tuple(sorted(parse_vars([target_layout]).items()))
+            if target_layout
+            else (),
+            spec=spec,
         )
         plan = plan_conversion(src, dst, options)
         if dry_run:

@@ -73,6 +73,9 @@ class ConvertOptions:
     name_map: NameMap | None = None
     codec: str = "auto"
     progress: bool = False  # byte-based bar on stderr
+    variables: tuple[tuple[str, int], ...] = ()  # model variables for spec-driven formats
+    target_layout: tuple[tuple[str, int], ...] = ()  # e.g. (("tp", 4), ("pp", 2))
+    spec: str | None = None  # shipped spec name or path for spec-driven formats
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,9 @@ def _is_optim(*names: str) -> bool:
 
 def plan_conversion(src: str, dst: str, options: ConvertOptions) -> ConversionPlan:
     """Open ``src`` (metadata only), lay out ``dst`` and return the plan; writes nothing."""
-    with open_source(src, options.source_format, options.step, options.workers) as source:
+    with open_source(
+        src, options.source_format, options.step, options.workers, options.variables, options.spec
+    ) as source:
         target = open_target(dst, options.target_format, _target_options(source.step, options))
         moves, dropped, outputs = build_plan(
             source.tensors(), target, options.name_map, options.weights_only
@@ -253,6 +258,9 @@ def _target_options(source_step: int | None, options: ConvertOptions) -> TargetO
         max_shard_size=options.max_shard_size,
         workers=options.workers,
         codec=options.codec,
+        variables=options.variables,
+        target_layout=options.target_layout,
+        spec=options.spec,
     )
 
 
@@ -301,7 +309,14 @@ def execute(
                 "pass --overwrite to replace it"
             )
         target.clear()
-    source = open_source(plan.source_path, plan.source_format, plan.source_step, options.workers)
+    source = open_source(
+        plan.source_path,
+        plan.source_format,
+        plan.source_step,
+        options.workers,
+        options.variables,
+        options.spec,
+    )
     with source:
         if source.fingerprint() != plan.source_fingerprint:
             raise PlanError(f"source {plan.source_path!r} changed since it was planned; plan again")

@@ -58,17 +58,18 @@ def rank_model(root: str, rank_dir: str, it: int = 0) -> dict[str, torch.Tensor]
 
 
 @pytest.fixture()
-def megatron_tp2pp2(tmp_path, monkeypatch):
+def megatron_tp2pp2(tmp_path):
     ref = canonical()
     hf = tmp_path / "hf"
     hf.mkdir()
     save_file(ref, str(hf / "model.safetensors"))
     meg = tmp_path / "meg22"
-    monkeypatch.setenv("CKPTD_MEGATRON_TARGET_LAYOUT", "tp=2,pp=2")
-    monkeypatch.setenv("CKPTD_MEGATRON_VARS", f"heads={HEADS}")
-    convert(str(hf), str(meg), ConvertOptions(target_format="megatron"))
-    monkeypatch.delenv("CKPTD_MEGATRON_TARGET_LAYOUT")
-    monkeypatch.delenv("CKPTD_MEGATRON_VARS")
+    opts = ConvertOptions(
+        target_format="megatron",
+        target_layout=(("tp", 2), ("pp", 2)),
+        variables=(("heads", HEADS),),
+    )
+    convert(str(hf), str(meg), opts)
     return ref, meg
 
 
@@ -110,7 +111,7 @@ def test_megatron_layout_on_disk(megatron_tp2pp2):
     assert s1["output_layer.weight"].dtype == torch.bfloat16
 
 
-def test_round_trip_tp2pp2_to_tp1pp4(megatron_tp2pp2, tmp_path, monkeypatch):
+def test_round_trip_tp2pp2_to_tp1pp4(megatron_tp2pp2, tmp_path):
     ref, meg = megatron_tp2pp2
     assert detect_source(str(meg)) == "megatron"
     uni1, meg14, uni2 = tmp_path / "uni1", tmp_path / "meg14", tmp_path / "uni2"
@@ -119,21 +120,23 @@ def test_round_trip_tp2pp2_to_tp1pp4(megatron_tp2pp2, tmp_path, monkeypatch):
     assert got1.keys() == ref.keys()
     for name, t in ref.items():
         assert got1[name].dtype == t.dtype and torch.equal(got1[name], t), name
-    monkeypatch.setenv("CKPTD_MEGATRON_TARGET_LAYOUT", "tp=1,pp=4")
-    monkeypatch.setenv("CKPTD_MEGATRON_VARS", f"heads={HEADS}")
-    convert(str(uni1), str(meg14), ConvertOptions(target_format="megatron", target_step=7))
-    monkeypatch.delenv("CKPTD_MEGATRON_TARGET_LAYOUT")
-    monkeypatch.delenv("CKPTD_MEGATRON_VARS")
+    convert(
+        str(uni1),
+        str(meg14),
+        ConvertOptions(
+            target_format="megatron",
+            target_step=7,
+            target_layout=(("tp", 1), ("pp", 4)),
+            variables=(("heads", HEADS),),
+        ),
+    )
     assert sorted(os.listdir(meg14 / "iter_0000007")) == [f"mp_rank_00_{p:03d}" for p in range(4)]
     last = rank_model(str(meg14), "mp_rank_00_003", it=7)
     assert last["output_layer.weight"].shape == (128, HIDDEN)  # vocab padded to 128 * tp
     # the source reading explicit variables instead of the sidecar
-    monkeypatch.setenv(
-        "CKPTD_MEGATRON_VARS",
-        f"heads={HEADS},kv_heads={KV},head_dim={HEAD_DIM},hidden={HIDDEN},ffn={FFN},"
-        f"vocab={VOCAB},layers={LAYERS}",
-    )
-    res = convert(str(meg14), str(uni2))
+    explicit = {"heads": HEADS, "kv_heads": KV, "head_dim": HEAD_DIM, "hidden": HIDDEN,
+                "ffn": FFN, "vocab": VOCAB, "layers": LAYERS}  # fmt: skip
+    res = convert(str(meg14), str(uni2), ConvertOptions(variables=tuple(explicit.items())))
     assert res.plan.source_step == 7
     got2 = read_universal(str(uni2))
     assert got2.keys() == ref.keys()
@@ -177,3 +180,28 @@ def test_pickle_payload_is_refused(tmp_path):
     (tmp_path / "m" / "latest_checkpointed_iteration.txt").write_text("1")
     with pytest.raises(SourceFormatError, match=r"mp_rank_00/model_optim_rng\.pt"):
         convert(str(tmp_path / "m"), str(tmp_path / "out"))
+
+
+def test_cli_var_and_target_layout_flags(tmp_path):
+    """`ckpt-convert --to megatron --target-layout tp=2,pp=2 --var heads=..` and back."""
+    from click.testing import CliRunner
+
+    from ckptd.converters.cli import main
+
+    ref = canonical()
+    (tmp_path / "hf").mkdir()
+    save_file(ref, str(tmp_path / "hf" / "model.safetensors"))
+    run = CliRunner().invoke
+    args = ["--to", "megatron", "--target-layout", "tp=2,pp=2", "--var", f"heads={HEADS}"]
+    res = run(main, [str(tmp_path / "hf"), str(tmp_path / "meg"), *args, "--json"])
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(tmp_path / "meg" / "iter_0000000")) == [
+        f"mp_rank_{t:02d}_{p:03d}" for t in range(2) for p in range(2)
+    ]
+    res = run(main, [str(tmp_path / "meg"), str(tmp_path / "uni"), "--var", f"heads={HEADS}"])
+    assert res.exit_code == 0, res.output
+    got = read_universal(str(tmp_path / "uni"))
+    assert all(torch.equal(got[n], t) for n, t in ref.items())
+    bad = run(main, [str(tmp_path / "hf"), str(tmp_path / "x"), "--to", "megatron",
+                     "--target-layout", "tp=2,zz=3", "--var", f"heads={HEADS}"])  # fmt: skip
+    assert bad.exit_code == 1 and "zz" in bad.output

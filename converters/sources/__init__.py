@@ -6,7 +6,9 @@ A new source format (DeepSpeed, Megatron) is a :class:`Source` subclass register
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Sequence
 
 from ckptd.converters.sources.base import (
     FormatDetectionError,
@@ -55,14 +57,30 @@ def detect_source(path: str) -> str:
 
 
 def open_source(
-    path: str, fmt: str | None = None, step: int | None = None, workers: int = 4
+    path: str,
+    fmt: str | None = None,
+    step: int | None = None,
+    workers: int = 4,
+    variables: Sequence[tuple[str, int]] = (),
+    spec: str | None = None,
 ) -> Source:
-    """Open ``path`` as format ``fmt`` (detected when ``None``)."""
+    """Open ``path`` as format ``fmt`` (detected when ``None``).
+
+    ``variables``/``spec`` go to spec-driven source formats (Megatron); for other
+    sources they are meant for the target and not passed.
+    """
     fmt = detect_source(path) if fmt is None else canonical_format(fmt)
     remote = "://" in path and not path.startswith("file://")
     if not remote and not os.path.exists(path.removeprefix("file://")):
         raise SourceNotFoundError(f"source {path!r} does not exist")
-    return SOURCES[fmt](path, step, workers)
+    cls = SOURCES[fmt]
+    extra: dict[str, object] = {}
+    if variables:
+        extra["variables"] = dict(variables)
+    if spec:
+        extra["spec"] = spec
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(path, step, workers, **{k: v for k, v in extra.items() if k in accepted})
 
 
 __all__ = ["SOURCES", "Source", "TensorInfo", "canonical_format", "detect_source", "open_source"]

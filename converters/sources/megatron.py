@@ -12,8 +12,8 @@ that way is a :class:`SourceFormatError` naming it (no fallback, nothing unpickl
 
 TP/PP come from the directory names. The model variables (``heads``, ``kv_heads``,
 ``head_dim``, ``hidden``, ``ffn``, ``vocab``, ``layers``) that the reshard spec needs come,
-first found wins, from the ``variables`` argument, ``$CKPTD_MEGATRON_VARS``
-(``heads=8,kv_heads=2,...``, the ``--var`` syntax) and the sidecar
+first found wins, from the ``variables`` argument (``--var heads=8 --var kv_heads=2``)
+and the sidecar
 ``ckptd_megatron.json`` (``{"variables": {...}}``, written by the Megatron target).
 Each rank's local keys are laid out with the shipped spec (``megatron_llama`` unless
 ``spec`` says otherwise) compiled for the rank's coordinates; a canonical tensor is
@@ -40,7 +40,7 @@ from ckptd.converters.sources.base import (
     SourceNotFoundError,
     TensorInfo,
 )
-from ckptd.converters.spec import SpecError, compile_spec, load_shipped, parse_vars
+from ckptd.converters.spec import SpecError, compile_spec, load_shipped
 from ckptd.dtypes import dtype_name, torch_dtype
 from ckptd.errors import LayoutError
 from ckptd.execute import piece_view
@@ -51,8 +51,6 @@ from ckptd.statedict import FlatState
 LATEST = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 SIDECAR = "ckptd_megatron.json"
-VARS_ENV = "CKPTD_MEGATRON_VARS"
-SPEC_ENV = "CKPTD_MEGATRON_SPEC"
 DEFAULT_SPEC = "megatron_llama"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -69,25 +67,17 @@ def iter_dir_name(iteration: int | str) -> str:
 
 
 def resolve_variables(explicit: Mapping[str, int] | None, root: str | None) -> dict[str, int]:
-    """Model variables: ``explicit``, else ``$CKPTD_MEGATRON_VARS``, else the sidecar."""
-    if explicit:
-        return dict(explicit)
-    env = os.environ.get(VARS_ENV, "").strip()
-    if env:
+    """Model variables: the sidecar the target wrote, overridden by ``explicit`` (``--var``)."""
+    found: dict[str, int] = {}
+    side = os.path.join(root, SIDECAR) if root is not None else ""
+    if side and os.path.isfile(side):
         try:
-            return parse_vars([env])
-        except SpecError as e:
-            raise SourceFormatError(f"${VARS_ENV}: {e}") from None
-    if root is not None:
-        side = os.path.join(root, SIDECAR)
-        if os.path.isfile(side):
-            try:
-                with open(side) as f:
-                    obj = json.load(f)
-                return {str(k): int(v) for k, v in obj.get("variables", {}).items()}
-            except (OSError, ValueError, AttributeError, TypeError) as e:
-                raise SourceFormatError(f"{side}: malformed sidecar: {e}") from None
-    return {}
+            with open(side) as f:
+                obj = json.load(f)
+            found = {str(k): int(v) for k, v in obj.get("variables", {}).items()}
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            raise SourceFormatError(f"{side}: malformed sidecar: {e}") from None
+    return {**found, **dict(explicit or {})}
 
 
 def load_rank_file(path: str) -> dict[str, Any]:
@@ -142,7 +132,7 @@ class MegatronSource(Source):
             raise SourceFormatError(f"the megatron source reads local directories only: {path!r}")
         self.root, self.iter_dir, self._iteration = _locate(path.removeprefix("file://"), step)
         self.variables = resolve_variables(variables, self.root)
-        self.spec_name = spec or os.environ.get(SPEC_ENV) or DEFAULT_SPEC
+        self.spec_name = spec or DEFAULT_SPEC
         self.ranks = _scan_ranks(self.iter_dir)
         self.tp = max(r.tp for r in self.ranks) + 1
         self.pp = max(r.pp for r in self.ranks) + 1
@@ -193,7 +183,7 @@ class MegatronSource(Source):
         except SpecError as e:
             raise SourceFormatError(
                 f"{self.iter_dir}: spec {self.spec_name!r} with variables {variables}: {e} "
-                f"(pass the model variables: ${VARS_ENV}=heads=..,kv_heads=..,...)"
+                f"(pass the model variables: --var heads=.. --var kv_heads=.. ...)"
             ) from None
 
     def _inventory(self) -> None:

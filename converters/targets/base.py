@@ -42,6 +42,9 @@ class TargetOptions:
     workers: int = 4  # universal: chunk encode/put threads
     codec: str = "auto"  # universal: codec policy
     dcp_bucket_bytes: int = 256 << 20  # dcp: tensors per .distcp file (memory bound)
+    variables: tuple[tuple[str, int], ...] = ()  # spec-driven targets: model variables
+    target_layout: tuple[tuple[str, int], ...] = ()  # spec-driven targets: tp, pp, ...
+    spec: str | None = None  # spec-driven targets: shipped spec name or path
 
 
 @dataclass(frozen=True)

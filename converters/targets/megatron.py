@@ -6,9 +6,9 @@ Writes ``DST/iter_{step:07d}/mp_rank_TT[_PPP]/model_optim_rng.pt`` (``{"model": 
 variables, so converting back needs no options) and ``.ckpt-convert-complete`` last.
 Every file goes through a temp name, fsync and rename.
 
-The layout comes from the constructor (``tp``, ``pp``, ``variables``) or the environment
-(``$CKPTD_MEGATRON_TARGET_LAYOUT=tp=4,pp=2``, ``$CKPTD_MEGATRON_VARS=heads=..``) since
-``TargetOptions`` has no fields for them yet. Variables that the canonical tensors
+The layout comes from ``TargetOptions.target_layout`` (``--target-layout tp=4,pp=2``) and
+the model variables from ``TargetOptions.variables`` (``--var heads=..``), or from the
+constructor (``tp``, ``pp``, ``variables``). Variables that the canonical tensors
 determine (``vocab``, ``hidden``, ``layers``, ``ffn``, and ``head_dim``/``kv_heads``
 once ``heads`` is known) are derived; ``heads`` must be given.
 
@@ -36,12 +36,10 @@ from ckptd.converters.sources.megatron import (
     LATEST,
     RANK_FILE,
     SIDECAR,
-    SPEC_ENV,
-    VARS_ENV,
     iter_dir_name,
     rank_dir_name,
 )
-from ckptd.converters.spec import SpecError, compile_spec, load_shipped, parse_vars
+from ckptd.converters.spec import SpecError, compile_spec, load_shipped
 from ckptd.converters.targets.base import (
     COMPLETE_MARKER,
     Existing,
@@ -92,15 +90,16 @@ class MegatronTarget(Target):
         spec: str | None = None,
     ) -> None:
         super().__init__(path, options)
-        env_layout = _parse(os.environ.get(LAYOUT_ENV, ""), LAYOUT_ENV)
-        self.tp = tp or env_layout.get("tp", 1)
-        self.pp = pp or env_layout.get("pp", 1)
+        layout = dict(options.target_layout)
+        unknown = sorted(set(layout) - {"tp", "pp"})
+        if unknown:
+            raise PlanError(f"megatron target: unknown --target-layout keys {unknown} (tp, pp)")
+        self.tp = tp or layout.get("tp", 1)
+        self.pp = pp or layout.get("pp", 1)
         if self.tp < 1 or self.pp < 1:
             raise PlanError(f"megatron target: tp={self.tp}, pp={self.pp} must be positive")
-        self.user_vars = (
-            dict(variables) if variables else _parse(os.environ.get(VARS_ENV, ""), VARS_ENV)
-        )
-        self.spec_name = spec or os.environ.get(SPEC_ENV) or DEFAULT_SPEC
+        self.user_vars = dict(variables) if variables else dict(options.variables)
+        self.spec_name = spec or options.spec or DEFAULT_SPEC
         self._plan_cache: tuple[tuple[TensorInfo, ...], list[_RankPlan], dict[str, int]] | None
         self._plan_cache = None
 
@@ -282,14 +281,6 @@ class MegatronTarget(Target):
         )
         return WriteOutcome(bytes_written=written, resumed=())
 
-
-def _parse(text: str, where: str) -> dict[str, int]:
-    if not text.strip():
-        return {}
-    try:
-        return parse_vars([text])
-    except SpecError as e:
-        raise PlanError(f"${where}: {e}") from None
 
 
 def _local_shape(spec: Any, key: str, info: TensorInfo) -> tuple[int, ...]:
