@@ -413,3 +413,20 @@ def test_local_batch_direct_io_roundtrip(tmp_path, size: int) -> None:
     assert st.get("step/x") == view.tobytes()
     assert st.size("step/x") == view.nbytes
     assert storage_mod._write_direct(str(tmp_path / "probe"), view)  # O_DIRECT works here
+
+
+def test_local_batch_falls_back_where_direct_io_is_refused() -> None:
+    """tmpfs refuses O_DIRECT: large batch writes fall back to buffered writes."""
+    import tempfile
+
+    import numpy as np
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this machine")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        st = LocalStorage(d)
+        data = np.arange(3 << 20, dtype=np.uint8)
+        batch = st.batch()
+        batch.put("s/x", memoryview(data))
+        batch.flush()
+        assert st.get("s/x") == data.tobytes()
