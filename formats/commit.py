@@ -26,12 +26,15 @@ behind, which the next commit repairs. Only one coordinator commits a given root
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Any
 
-from ckptd.errors import IntegrityError, NotCommittedError
+from ckptd.errors import IntegrityError, NotCommittedError, StorageError
 from ckptd.formats.storage import ObjectNotFoundError, Storage
+
+log = logging.getLogger(__name__)
 
 MARKER_NAME = "COMMITTED"
 LATEST_KEY = "latest"
@@ -78,10 +81,17 @@ def commit(storage: Storage, step: int, info: dict[str, Any] | None = None) -> b
     marker = {"marker_version": MARKER_VERSION, "step": step, "wall_time": time.time(), **info}
     payload = json.dumps(marker, sort_keys=True).encode()
     storage.put_if_absent(marker_key(step), payload)
-    current = latest_step(storage)
-    if current is not None and current > step:
+    # From here on the step is committed whatever happens: ``latest`` is only a hint
+    # (readers fall back to a listing), so failing to move it must not report the save
+    # as failed; the next commit repairs it.
+    try:
+        current = latest_step(storage)
+        if current is not None and current > step:
+            return False
+        storage.put(LATEST_KEY, f"{step}\n".encode())
+    except (StorageError, OSError) as e:
+        log.warning("step %d is committed but %r was not updated: %s", step, LATEST_KEY, e)
         return False
-    storage.put(LATEST_KEY, f"{step}\n".encode())
     return True
 
 
