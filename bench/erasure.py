@@ -36,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,7 @@ def stripes(shard_len: int, piece: int) -> list[tuple[int, int]]:
     return [(o, min(piece, shard_len - o)) for o in range(0, shard_len, piece)]
 
 
-class Case:
+class Case(ABC):
     """One candidate for one (k, m): builds encode/rebuild closures over a data object."""
 
     name = ""
@@ -74,14 +75,17 @@ class Case:
         self.shard = len(obj) // k
         self.data = [obj[i * self.shard : (i + 1) * self.shard] for i in range(k)]
 
+    @abstractmethod
     def check(self) -> bool:
-        raise NotImplementedError
+        """Encode, lose shards, rebuild: True if the result is bit-exact."""
 
+    @abstractmethod
     def encode(self, stripe: int | None) -> Callable[[], object]:
-        raise NotImplementedError
+        """A closure encoding the object (in stripes of ``stripe`` bytes, or whole)."""
 
+    @abstractmethod
     def rebuild(self, stripe: int | None) -> Callable[[], object]:
-        raise NotImplementedError
+        """A closure rebuilding the lost shards."""
 
 
 class OursCase(Case):

@@ -46,7 +46,7 @@ class StorageTests:
 
     @pytest.fixture
     def storage(self) -> Storage:
-        raise NotImplementedError
+        pytest.fail("a StorageTests subclass must provide the `storage` fixture")
 
     def test_round_trip(self, storage: Storage) -> None:
         payload = bytes(range(256)) * 40

@@ -110,7 +110,7 @@ class TransportTests:
     """Conformance suite: subclasses say how to bind (``bind_address``)."""
 
     def bind_address(self, tmpdir: str) -> str:
-        raise NotImplementedError
+        pytest.fail("a TransportTests subclass must provide bind_address()")
 
     @pytest.fixture(scope="class")
     def sockdir(self) -> Iterator[str]:
