@@ -24,22 +24,25 @@ Capability flags pick the commit strategy instead of ``NotImplementedError``:
 
 from __future__ import annotations
 
-import errno
-import fnmatch
 import os
 import re
 import shutil
-import signal
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from ckptd.errors import CkptError, CommitConflictError, StorageError
 from ckptd.formats.keys import validate_key, validate_prefix
+from ckptd.formats.posix_io import (
+    DIRECT_MIN_BYTES,
+    fsync_dir,
+    syncfs,
+    write_buffered,
+    write_direct,
+)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -184,15 +187,6 @@ def not_found_error(key: str, url: str) -> ObjectNotFoundError:
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 
 
-def fsync_dir(path: str) -> None:
-    """Make a directory entry change (create, rename, unlink) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class WriteBatch:
     """Writes that are durable after :meth:`flush` (the default: each put is already).
 
@@ -242,8 +236,8 @@ class LocalWriteBatch(WriteBatch):
                         self._dirs.add(d)
                         d = os.path.dirname(d)
             view = as_bytes_view(data)
-            if not (view.nbytes >= DIRECT_MIN_BYTES and self._direct and _write_direct(path, view)):
-                _write_buffered(path, view)
+            if not (view.nbytes >= DIRECT_MIN_BYTES and self._direct and write_direct(path, view)):
+                write_buffered(path, view)
         with self._lock:
             self._files.append(path)
             self._dirs.add(parent)
@@ -256,7 +250,7 @@ class LocalWriteBatch(WriteBatch):
         if not files:
             return
         with self._local._mapped("sync", ""):
-            if _syncfs(self._local.root):
+            if syncfs(self._local.root):
                 return
             for path in files:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -266,89 +260,6 @@ class LocalWriteBatch(WriteBatch):
                     os.close(fd)
             for d in [*dirs, os.path.dirname(self._local.root)]:
                 fsync_dir(d)
-
-
-DIRECT_MIN_BYTES = 1 << 20
-_DIRECT_ALIGN = 4096
-_BOUNCE_BYTES = 8 << 20
-_bounce = threading.local()
-
-
-def _write_buffered(path: str, view: memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        done = 0
-        while done < view.nbytes:
-            done += os.write(fd, view[done:])
-    finally:
-        os.close(fd)
-
-
-def _write_direct(path: str, view: memoryview) -> bool:
-    """Write ``view`` with O_DIRECT through an aligned, reused bounce buffer.
-
-    Bypassing the page cache matters twice for checkpoints: the bytes are not read
-    back soon, and page cache must first be allocated. On this project's VMs that
-    allocation is the bottleneck (measured: 1 GiB write+fsync 5.6 s buffered after the
-    guest returned its free memory to the host, 1.2 s with O_DIRECT). The bounce copy
-    runs at memory speed. The tail is padded to the block size and the file truncated
-    back. Returns False (caller writes buffered) where the filesystem refuses O_DIRECT.
-    """
-    import mmap
-
-    bounce = getattr(_bounce, "buf", None)
-    if bounce is None:
-        bounce = mmap.mmap(-1, _BOUNCE_BYTES)  # page-aligned; pre-fault it once
-        bounce.write(b"\0" * _BOUNCE_BYTES)
-        _bounce.buf = bounce
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o644
-        )
-    except OSError:
-        return False
-    try:
-        n = view.nbytes
-        bmv = memoryview(bounce)
-        off = 0
-        while off < n:
-            size = min(_BOUNCE_BYTES, n - off)
-            bmv[:size] = view[off : off + size]
-            padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
-            if padded != size:
-                bmv[size:padded] = bytes(padded - size)
-            done = 0
-            while done < padded:
-                done += os.pwrite(fd, bmv[done:padded], off + done)
-            off += size
-        if n % _DIRECT_ALIGN:
-            os.ftruncate(fd, n)
-    except OSError as e:
-        if e.errno == errno.EINVAL:  # e.g. a filesystem without O_DIRECT support
-            os.close(fd)
-            return False
-        os.close(fd)
-        raise
-    os.close(fd)
-    return True
-
-
-def _syncfs(path: str) -> bool:
-    """``syncfs(2)`` on the filesystem holding ``path``; False where unavailable."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return False
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if fn(fd) != 0:
-            raise OSError(ctypes.get_errno(), "syncfs failed", path)
-    finally:
-        os.close(fd)
-    return True
 
 
 class LocalStorage(Storage):
@@ -600,6 +511,10 @@ def __getattr__(name: str) -> Any:
         from ckptd.formats.fsspec_storage import FsspecStorage
 
         return FsspecStorage
+    if name in ("FaultPlan", "FaultyStorage"):  # fault injection: ckptd.formats.faults
+        from ckptd.formats import faults
+
+        return getattr(faults, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -615,104 +530,3 @@ def open_storage(url_or_path: str | os.PathLike[str], **options: Any) -> Storage
     from ckptd.formats.fsspec_storage import FsspecStorage
 
     return FsspecStorage(url, **options)
-
-
-# ----------------------------------------------------------------- fault injection
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """Which calls of a :class:`FaultyStorage` fail, and how.
-
-    ``op`` and ``key_glob`` are :func:`fnmatch.fnmatchcase` patterns over the method
-    name and the key (``*`` also matches ``/``). The first ``after`` matching calls
-    succeed; the next ``times`` matching calls (all of them if ``None``) raise ``error``
-    before touching the inner storage, or SIGKILL the process if ``kill`` is set (for
-    subprocess crash tests only).
-    """
-
-    op: str = "put"
-    key_glob: str = "*"
-    after: int = 0
-    error: BaseException = OSError("injected fault")  # noqa: RUF009 - never mutated
-    kill: bool = False
-    times: int | None = None
-
-    def matches(self, op: str, key: str) -> bool:
-        """Return whether a call of ``op`` on ``key`` is covered by this plan."""
-        return fnmatch.fnmatchcase(op, self.op) and fnmatch.fnmatchcase(key, self.key_glob)
-
-
-class FaultyStorage(Storage):
-    """Wraps a storage and injects the failures described by one or more FaultPlans.
-
-    ``injected`` records every ``(op, key)`` that failed, for assertions.
-    """
-
-    def __init__(self, inner: Storage, plan: FaultPlan | Sequence[FaultPlan]) -> None:
-        """Wrap ``inner``; ``plan`` is one FaultPlan or several (each counted separately)."""
-        self.inner = inner
-        self.plans = [plan] if isinstance(plan, FaultPlan) else list(plan)
-        self.url = inner.url
-        self.supports_atomic_rename = inner.supports_atomic_rename
-        self.supports_conditional_put = inner.supports_conditional_put
-        self.injected: list[tuple[str, str]] = []
-        self._seen = [0] * len(self.plans)
-        self._lock = threading.Lock()
-
-    def _check(self, op: str, key: str) -> None:
-        with self._lock:
-            for i, plan in enumerate(self.plans):
-                if not plan.matches(op, key):
-                    continue
-                self._seen[i] += 1
-                nth = self._seen[i] - plan.after  # 1-based index among failing calls
-                if nth >= 1 and (plan.times is None or nth <= plan.times):
-                    self.injected.append((op, key))
-                    if plan.kill:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    raise plan.error
-
-    def _get(self, key: str) -> bytes:
-        self._check("get", key)
-        return self.inner.get(key)
-
-    def _get_range(self, key: str, start: int, end: int) -> bytes:
-        self._check("get_range", key)
-        return self.inner.get_range(key, start, end)
-
-    def _put(self, key: str, data: Buffer) -> None:
-        self._check("put", key)
-        self.inner.put(key, data)
-
-    def _put_if_absent(self, key: str, data: Buffer) -> None:
-        self._check("put_if_absent", key)
-        self.inner.put_if_absent(key, data)
-
-    def _exists(self, key: str) -> bool:
-        self._check("exists", key)
-        return self.inner.exists(key)
-
-    def _size(self, key: str) -> int:
-        self._check("size", key)
-        return self.inner.size(key)
-
-    def _delete(self, key: str, missing_ok: bool) -> None:
-        self._check("delete", key)
-        self.inner.delete(key, missing_ok)
-
-    def _delete_prefix(self, prefix: str) -> None:
-        self._check("delete_prefix", prefix)
-        self.inner.delete_prefix(prefix)
-
-    def _list(self, prefix: str) -> list[str]:
-        self._check("list", prefix)
-        return self.inner.list(prefix)
-
-    def _list_dirs(self, prefix: str) -> list[str]:
-        self._check("list_dirs", prefix)
-        return self.inner.list_dirs(prefix)
-
-    def close(self) -> None:
-        """Close the wrapped storage."""
-        self.inner.close()

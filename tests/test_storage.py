@@ -402,7 +402,7 @@ def test_local_batch_direct_io_roundtrip(tmp_path, size: int) -> None:
     """Large batch writes go through O_DIRECT (bounce buffer, padded tail truncated)."""
     import numpy as np
 
-    from ckptd.formats import storage as storage_mod
+    from ckptd.formats import posix_io
 
     st = LocalStorage(tmp_path)
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
@@ -412,7 +412,7 @@ def test_local_batch_direct_io_roundtrip(tmp_path, size: int) -> None:
     batch.flush()
     assert st.get("step/x") == view.tobytes()
     assert st.size("step/x") == view.nbytes
-    assert storage_mod._write_direct(str(tmp_path / "probe"), view)  # O_DIRECT works here
+    assert posix_io.write_direct(str(tmp_path / "probe"), view)  # O_DIRECT works here
 
 
 def test_local_batch_falls_back_where_direct_io_is_refused() -> None:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ckptd.converters.sources.base import PlanError, SourceState, TensorInfo
-from ckptd.formats.storage import fsync_dir
+from ckptd.formats.posix_io import fsync_dir
 
 Fetch = Callable[[str], torch.Tensor]
 OnDone = Callable[[str, int, bool], None]
