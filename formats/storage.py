@@ -530,3 +530,4 @@ def open_storage(url_or_path: str | os.PathLike[str], **options: Any) -> Storage
     from ckptd.formats.fsspec_storage import FsspecStorage
 
     return FsspecStorage(url, **options)
+

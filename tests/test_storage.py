@@ -387,7 +387,8 @@ class TestFaultyStorage:
 
     def test_kill_terminates_the_process(self, tmp_path) -> None:
         code = (
-            "from ckptd.formats.storage import *\n"
+            "from ckptd.formats.faults import FaultPlan, FaultyStorage\n"
+            "from ckptd.formats.storage import LocalStorage\n"
             f"s = FaultyStorage(LocalStorage({str(tmp_path)!r}), FaultPlan(kill=True, after=1))\n"
             "s.put('a', b'1')\ns.put('b', b'2')\nprint('survived')\n"
         )
