@@ -135,3 +135,22 @@ def check_read(info: TensorInfo, t: torch.Tensor, where: str) -> torch.Tensor:
             f"its metadata says {info.dtype}{list(info.shape)}"
         )
     return t
+
+
+class InventorySource(Source):
+    """A source that lists its tensors once when opened.
+
+    Subclasses fill ``_infos`` (name -> :class:`TensorInfo`, in read order) and
+    ``_skipped`` (entries that are not converted) in their constructor.
+    """
+
+    def __init__(self, path: str, step: int | None, workers: int) -> None:
+        super().__init__(path, step, workers)
+        self._infos: dict[str, TensorInfo] = {}
+        self._skipped: list[str] = []
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def skipped(self) -> list[str]:
+        return list(self._skipped)

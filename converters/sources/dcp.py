@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-from ckptd.converters.sources.base import Source, SourceNotFoundError, TensorInfo, check_read
+from ckptd.converters.sources.base import (
+    InventorySource,
+    SourceNotFoundError,
+    TensorInfo,
+    check_read,
+)
 from ckptd.dtypes import dtype_name, torch_dtype
 
 METADATA_NAME = ".metadata"
@@ -40,7 +45,7 @@ def _reader_class() -> type:
     return CachedReader
 
 
-class DCPSource(Source):
+class DCPSource(InventorySource):
     """Reads a DCP checkpoint directory written by any number of ranks."""
 
     format = "dcp"
@@ -53,8 +58,6 @@ class DCPSource(Source):
             raise SourceNotFoundError(f"{path}: no DCP checkpoint ({METADATA_NAME} is missing)")
         self._reader = _reader_class()(path)
         md = self._reader.read_metadata()
-        self._infos: dict[str, TensorInfo] = {}
-        self._skipped: list[str] = []
         for fqn, item in md.state_dict_metadata.items():
             if isinstance(item, TensorStorageMetadata):
                 shape = tuple(int(s) for s in item.size)
@@ -65,12 +68,6 @@ class DCPSource(Source):
     @classmethod
     def detect(cls, path: str) -> bool:
         return os.path.isfile(os.path.join(path, METADATA_NAME))
-
-    def tensors(self) -> list[TensorInfo]:
-        return list(self._infos.values())
-
-    def skipped(self) -> list[str]:
-        return list(self._skipped)
 
     def read(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ckptd.converters.sources.base import (
-    Source,
+    InventorySource,
     SourceFormatError,
     SourceNotFoundError,
     TensorInfo,
@@ -115,7 +115,7 @@ def _get(obj: Any, *keys: Any, where: str) -> Any:
     return obj
 
 
-class DeepSpeedSource(Source):
+class DeepSpeedSource(InventorySource):
     """Reads a DeepSpeed ZeRO 0/1/2/3 checkpoint (see the module docstring)."""
 
     format = "deepspeed"
@@ -154,8 +154,6 @@ class DeepSpeedSource(Source):
         self._parts: list[int] = []  # per group: numel of each rank's partition
         if self.optim_files:
             self._index_optim(groups)
-        self._infos: dict[str, TensorInfo] = {}
-        self._skipped: list[str] = []
         for k, v in module.items():
             if not isinstance(v, torch.Tensor):
                 self._skipped.append(f"model.{k}")
@@ -285,12 +283,6 @@ class DeepSpeedSource(Source):
     @property
     def step(self) -> int | None:
         return int(self._ds_step) if isinstance(self._ds_step, int) else None
-
-    def tensors(self) -> list[TensorInfo]:
-        return list(self._infos.values())
-
-    def skipped(self) -> list[str]:
-        return list(self._skipped)
 
     def read(self, name: str) -> torch.Tensor:
         info = self._infos[name]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ckptd.converters.sources.base import (
-    Source,
+    InventorySource,
     SourceFormatError,
     SourceNotFoundError,
     TensorInfo,
@@ -113,7 +113,7 @@ class _Rank:
     path: str
 
 
-class MegatronSource(Source):
+class MegatronSource(InventorySource):
     """Megatron legacy ``mp_rank_*`` checkpoints, assembled into canonical tensors."""
 
     format = "megatron"
@@ -145,8 +145,6 @@ class MegatronSource(Source):
         self._max_open = max(1, min(self.tp, MAX_OPEN))
         self._layouts: list[RankLayout] = []
         self._policies: list[Mapping[str, str]] = []
-        self._skipped: list[str] = []
-        self._infos: dict[str, TensorInfo] = {}
         self._holders: dict[str, list[tuple[int, str, tuple[Piece, ...]]]] = {}
         self._inventory()
 
@@ -220,12 +218,6 @@ class MegatronSource(Source):
                     self._holders.setdefault(pc.name, []).append((idx, entry.key, (pc,)))
         for name, m in metas.items():
             self._infos[name] = TensorInfo(name, m.dtype, tuple(m.shape))
-
-    def tensors(self) -> list[TensorInfo]:
-        return list(self._infos.values())
-
-    def skipped(self) -> list[str]:
-        return list(self._skipped)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
