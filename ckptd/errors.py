@@ -74,6 +74,10 @@ class SaveInProgressError(CkptError, RuntimeError):
     """A save was requested while the configured number of saves is already in flight."""
 
 
+class SaveFailedError(CkptError, RuntimeError):
+    """A save handed to the daemon failed there (the message is the daemon's reason)."""
+
+
 class StagingBudgetError(CkptError, MemoryError):
     """The host staging budget is smaller than what one snapshot of this rank needs."""
 

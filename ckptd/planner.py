@@ -407,3 +407,62 @@ def build_load_plan(
 
 def _copy_op(key: str, p: Piece, inter: Box, cbox: Box) -> CopyOp:
     return CopyOp(key, p, inter.shift(cbox.offsets, -1), inter.shift(p.global_box.offsets, -1))
+
+
+def build_piece_load_plan(
+    layout: RankLayout,
+    metas: Mapping[str, TensorMeta],
+    stored: Mapping[str, Sequence[tuple[ChunkIndex, Box]]],
+) -> LoadPlan:
+    """Like :func:`build_load_plan`, but the stored regions are arbitrary boxes.
+
+    For a checkpoint held as pieces (snapshots in daemon memory: each saving rank's
+    unique pieces, which together cover every tensor exactly once) instead of a chunk
+    grid. ``stored[name]`` lists (source id, global box) pairs; a :class:`ChunkRead`'s
+    ``index`` is the source id and its ``box`` the stored piece's box. A region of a
+    target piece that no stored piece covers raises :class:`ReshardError`.
+    """
+    layout.validate()
+    missing_keys: set[str] = set()
+    asked: set[str] = set()
+    per_src: dict[tuple[str, ChunkIndex], list[CopyOp]] = defaultdict(list)
+    boxes: dict[tuple[str, ChunkIndex], Box] = {}
+    want_metas = layout.meta_by_name()
+    for e in layout.entries:
+        for p in e.pieces:
+            st = metas.get(p.name)
+            if st is None or p.name not in stored:
+                missing_keys.add(e.key)
+                continue
+            asked.add(p.name)
+            want = want_metas[p.name]
+            if st.dtype != want.dtype or st.shape != want.shape:
+                raise ReshardError(
+                    f"tensor {p.name!r} (state key {e.key!r}): snapshot has "
+                    f"{st.dtype}{list(st.shape)}, the state expects {want.dtype}{list(want.shape)}"
+                )
+            covered = 0
+            for src, sbox in stored[p.name]:
+                inter = sbox.intersect(p.global_box)
+                if inter is None or inter.numel == 0:
+                    continue
+                covered += inter.numel
+                boxes[(p.name, src)] = sbox
+                per_src[(p.name, src)].append(_copy_op(e.key, p, inter, sbox))
+            if covered != p.global_box.numel:
+                raise ReshardError(
+                    f"tensor {p.name!r} (state key {e.key!r}): the stored pieces cover "
+                    f"{covered} of the {p.global_box.numel} elements of {p.global_box}"
+                )
+    for name, m in metas.items():
+        if m.numel == 0 and name in want_metas:
+            asked.add(name)
+    for e in layout.entries:
+        if not e.pieces and e.key in missing_keys:
+            missing_keys.discard(e.key)
+    reads = tuple(
+        ChunkRead(name, src, boxes[(name, src)], tuple(copies))
+        for (name, src), copies in sorted(per_src.items())
+    )
+    unexpected = sorted(set(metas) - asked - {p.name for e in layout.entries for p in e.pieces})
+    return LoadPlan(reads, tuple(sorted(missing_keys)), tuple(unexpected))

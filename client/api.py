@@ -97,7 +97,10 @@ def load(
     layout = _layout_from_spec(state, spec) if spec is not None else layout
     storage = _storage(root, storage_options)
     ctx = context(_config.collective_timeout_s)
-    return load_state(state, storage, step, layout, strict, merge, _config, ctx)
+    daemon = _get_saver().daemon if _config.daemon_socket else None
+    return load_state(
+        state, storage, step, layout, strict, merge, _config, ctx, daemon=daemon, root=str(root)
+    )
 
 
 def wait(timeout: float | None = None) -> list[SaveResult]:

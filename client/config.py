@@ -39,6 +39,16 @@ class Config:
     )
     retention: RetentionPolicy | None = field(default_factory=lambda: RetentionPolicy(keep_last=3))
     collective_timeout_s: float = 600.0
+    # The node's ckptd (unix socket); None: the in-process pipeline. CKPTD_SOCKET sets it.
+    daemon_socket: str | None = None
+    daemon_token: str | None = field(default=None, repr=False)  # CKPTD_JOB_TOKEN
+    job_id: str | None = None  # names the job's snapshots; default derived from the root
+    # What a save's wait() waits for through a daemon: "staged" (in the node's shared
+    # memory), "protected" (erasure group holds parity), "committed" (in storage).
+    daemon_wait: str = "committed"
+    daemon_wait_timeout_s: float = 6 * 3600.0  # a save's wait() gives up after this
+    # Load from the daemons' memory when they hold a step at least as new as storage's.
+    load_from_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.max_inflight_saves < 1:
@@ -47,6 +57,11 @@ class Config:
             raise ConfigError(f"staging_budget_bytes must be > 0, got {self.staging_budget_bytes}")
         if self.read_workers < 1:
             raise ConfigError(f"read_workers must be >= 1, got {self.read_workers}")
+        if self.daemon_wait not in ("staged", "protected", "committed"):
+            raise ConfigError(
+                "daemon_wait must be 'staged', 'protected' or 'committed', "
+                f"got {self.daemon_wait!r}"
+            )
 
     def codec_for(self, root: str) -> CodecPolicy:
         """Remote storage is slower than compression; local disks are not (measured)."""
@@ -79,6 +94,12 @@ def from_env(base: Config | None = None, env: dict[str, str] | None = None) -> C
             raise ConfigError(
                 f"CKPT_WRITE_WORKERS={env['CKPT_WRITE_WORKERS']!r} is not an integer"
             ) from None
+    if env.get("CKPTD_SOCKET"):
+        changes["daemon_socket"] = env["CKPTD_SOCKET"]
+    if env.get("CKPTD_JOB_TOKEN"):
+        changes["daemon_token"] = env["CKPTD_JOB_TOKEN"]
+    if env.get("CKPT_JOB_ID"):
+        changes["job_id"] = env["CKPT_JOB_ID"]
     if "CKPT_CODEC" in env:
         try:
             changes["codec"] = replace(cfg.codec, codec=env["CKPT_CODEC"])

@@ -20,9 +20,12 @@ from typing import Any
 import torch
 
 from ckpt.config import Config
-from ckpt.dist import DistContext
-from ckptd.errors import MissingKeysError, StateMergeError
+from ckpt.daemon_client import DaemonClient, job_id_for
+from ckpt.dist import DistContext, raise_if_failed
+from ckpt.memory_load import MemoryStep, execute_read, find_memory_steps, plan_memory_load
+from ckptd.errors import CkptError, MissingKeysError, StateMergeError
 from ckptd.execute import apply_reads, piece_view
+from ckptd.formats import commit as commit_mod
 from ckptd.formats.manifest import Manifest
 from ckptd.formats.reader import CheckpointReader
 from ckptd.formats.storage import Storage
@@ -52,6 +55,7 @@ class LoadResult:
     unexpected: tuple[str, ...]
     bytes_read: int
     seconds: float
+    source: str = "storage"  # "memory" when read from the daemons' snapshots
 
 
 def load_state(
@@ -63,15 +67,27 @@ def load_state(
     merge: Mapping[str, MergeRule] | None,
     config: Config,
     ctx: DistContext,
+    daemon: DaemonClient | None = None,
+    root: str | None = None,
 ) -> LoadResult:
-    """Fill ``state`` in place from a committed checkpoint (see module docstring)."""
+    """Fill ``state`` in place from a committed checkpoint or from the daemons' memory
+    (see module docstring)."""
     t0 = time.perf_counter()
-    reader = CheckpointReader.open(storage, step)
     flat = flatten_state(state)
     lay = build_rank_layout(flat, layout, ctx.rank)
-    stored = reader.stored_tensors()
-    plan = build_load_plan(lay, stored)
-    man = reader.manifest
+    mem = None
+    if daemon is not None and config.load_from_memory and root is not None:
+        mem = _choose_memory_step(daemon, job_id_for(root, config.job_id), storage, step, ctx)
+    if mem is not None:
+        plan = plan_memory_load(lay, mem)
+        man = mem.manifest()
+        reader = None
+        source = f"memory of the daemons ({len({h.node for h in mem.held.values()})} nodes)"
+    else:
+        reader = CheckpointReader.open(storage, step)
+        plan = build_load_plan(lay, reader.stored_tensors())
+        man = reader.manifest
+        source = storage.url
     missing = set(plan.missing) | {
         k for k in flat.objects if k not in man.state and k not in man.per_rank_state
     }
@@ -81,21 +97,27 @@ def load_state(
     if missing or unexpected:
         log.warning(
             "load of step %d: %d missing key(s), %d unexpected",
-            reader.step,
+            man.step,
             len(missing),
             len(unexpected),
         )
     objects = _resolve_objects(flat, man, lay.coords_key(), ctx, merge or {})
-    reader.check_objects(plan.reads)  # a missing object fails here, before any tensor is touched
+    if reader is not None:  # a missing object fails here, before any tensor is touched
+        reader.check_objects(plan.reads)
 
     locals_ = {e.key: local_tensor(flat.tensors[e.key]) for e in lay.entries}
     nbytes = 0
+    local_data = f"unix:{daemon.socket_path}.data" if daemon is not None else None
     with (
         torch.no_grad(),
         ThreadPoolExecutor(config.read_workers, thread_name_prefix="ckpt-read") as pool,
     ):
 
-        def work(r):
+        def work(r: ChunkRead) -> int:
+            if mem is not None:
+                assert daemon is not None
+                return execute_read(daemon, mem, r, locals_, local_data)
+            assert reader is not None
             chunk = reader.read_chunk(r.name, r.index, r.box)
             apply_reads(r, chunk, locals_)
             return chunk.numel() * chunk.element_size()
@@ -106,13 +128,51 @@ def load_state(
         flat.set_object(k, v)
     _restore_rng(flat, man, lay.coords_key(), ctx)
     flat.finalize()
+    log.info("loaded step %d from %s (%d bytes)", man.step, source, nbytes)
     return LoadResult(
-        reader.step,
+        man.step,
         tuple(sorted(missing)),
         tuple(sorted(unexpected)),
         nbytes,
         time.perf_counter() - t0,
+        "memory" if mem is not None else "storage",
     )
+
+
+def _choose_memory_step(
+    daemon: DaemonClient, job: str, storage: Storage, step: int | None, ctx: DistContext
+) -> MemoryStep | None:
+    """The step to load from memory, decided by rank 0 for every rank, or None (storage).
+
+    Memory wins when it holds the asked step, or (no step asked) a step at least as new as
+    the newest committed one in storage. Every rank then finds the same step through its
+    own daemon; one that cannot fails every rank alike.
+    """
+    choice: int | None = None
+    err: str | None = None
+    if ctx.rank == 0:
+        try:
+            steps = find_memory_steps(daemon.job_status(job))
+            latest = commit_mod.latest_step(storage)
+            if step is not None:
+                choice = step if step in steps else None
+            elif steps and (latest is None or max(steps) >= latest):
+                choice = max(steps)
+        except CkptError as e:  # no daemon answer: storage is the fallback, said loudly
+            log.warning("memory tier unavailable, loading from storage: %s", e)
+    choice = ctx.broadcast(choice, background=False)
+    if choice is None:
+        return None
+    mem = None
+    try:
+        mem = find_memory_steps(daemon.job_status(job)).get(choice) if ctx.rank else steps[choice]
+        if mem is None:
+            err = f"rank {ctx.rank}: step {choice} is no longer complete in the daemons' memory"
+    except CkptError as e:
+        err = f"rank {ctx.rank}: {e}"
+    gathered = ctx.all_gather(err)
+    raise_if_failed(f"load of step {choice} from memory", gathered, None)
+    return mem
 
 
 def _direct_destination(r: ChunkRead, locals_: Mapping[str, torch.Tensor]) -> torch.Tensor | None:

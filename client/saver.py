@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from ckpt.config import Config
+from ckpt.daemon_client import DaemonClient, job_id_for
 from ckpt.dist import DistContext, describe, raise_if_failed
 from ckpt.staging import Arena, ArenaPool, arena_bytes
 from ckptd.dtypes import torch_dtype
-from ckptd.errors import CkptError, CommitConflictError, InvalidKeyError
+from ckptd.errors import CkptError, CommitConflictError, InvalidKeyError, SaveFailedError
 from ckptd.execute import ChunkRecipe, assemble_chunk, chunk_recipes, piece_view, transfer_payload
 from ckptd.formats import commit as commit_mod
 from ckptd.formats.chunkcodec import CodecPolicy, crc32c, sample_sizes
@@ -35,6 +36,8 @@ from ckptd.fragments import RankLayout, layout_from_json, layout_to_json
 from ckptd.layout import Layout, build_rank_layout, local_tensor
 from ckptd.planner import RankSavePlan, SavePlan, build_save_plan
 from ckptd.rng import capture_rng
+from ckptd.rpc.v1 import daemon_pb2 as pb
+from ckptd.snapshot import PayloadPiece, SnapshotDescriptor, payload_nbytes, payload_pieces
 from ckptd.statedict import FlatState, flatten_state, json_dumps
 
 log = logging.getLogger("ckpt.save")
@@ -85,6 +88,7 @@ class PlanEntry:
     specs: tuple[tuple[str, tuple[int, ...]], ...]  # staged pieces, then receive buffers
     nbytes: int
     layouts: tuple[RankLayout, ...]
+    payload: tuple[PayloadPiece, ...]  # staged pieces laid out in a daemon snapshot
 
 
 @dataclass
@@ -116,6 +120,11 @@ class Saver:
         self._inflight_steps: set[int] = set()
         self._lock = threading.Lock()
         self._gcs: dict[str, BackgroundGC] = {}
+        self.daemon: DaemonClient | None = (
+            DaemonClient(config.daemon_socket, config.daemon_token)
+            if config.daemon_socket else None
+        )
+        self._descriptors: dict[tuple[int, tuple[str, ...], str, str], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ caller's thread
     def save(
@@ -134,15 +143,20 @@ class Saver:
         err: BaseException | None = None
         lay: RankLayout | None = None
         flat: FlatState | None = None
+        node = ""
         try:
             flat = flatten_state(state)
             lay, digest = self._rank_layout(flat, layout)
+            node = self.daemon.node if self.daemon is not None else ""
         except CkptError as e:
             err, digest = e, ""
-        gathered = self.ctx.all_gather((digest, describe(err) if err else None))
+        gathered = self.ctx.all_gather((digest, describe(err) if err else None, node))
         raise_if_failed(f"save of step {step} (layout)", [g[1] for g in gathered], err)
         assert lay is not None and flat is not None
         entry = self._plan(tuple(g[0] for g in gathered), lay, flat, self.config.codec_for(root))
+        if self.daemon is not None:
+            nodes = tuple(g[2] for g in gathered)
+            return self._save_to_daemon(flat, entry, lay, nodes, step, root, t0, blocking)
 
         rng = {k: capture_rng(flat.rng_object(k).include_cuda) for k in flat.rng_keys}
         objects = json.loads(json.dumps(flat.objects))  # a snapshot, not live references
@@ -181,6 +195,91 @@ class Saver:
             handle.wait()
         return handle
 
+    def _save_to_daemon(
+        self,
+        flat: FlatState,
+        entry: PlanEntry,
+        lay: RankLayout,
+        nodes: tuple[str, ...],
+        step: int,
+        root: str,
+        t0: float,
+        blocking: bool,
+    ) -> SaveHandle:
+        """Copy the staged pieces into this rank's shared-memory buffer and commit it.
+
+        The one copy of the save goes straight into memory the daemon owns; the daemon
+        then protects and persists it, and ``wait()`` asks it how far the step got.
+        """
+        assert self.daemon is not None
+        job = job_id_for(root, self.config.job_id)
+        static = self._descriptor_static(entry, nodes, root, job, lay.coords_key())
+        rng = {k: capture_rng(flat.rng_object(k).include_cuda) for k in flat.rng_keys}
+        objects = json.loads(json.dumps(flat.objects))
+        pieces = entry.payload
+        nbytes = payload_nbytes(pieces)
+        lease, buf = self.daemon.begin(job, self.ctx.rank, step, nbytes)
+        try:
+            for sp, pp in zip(entry.rank_plan.staged, pieces):
+                src = piece_view(local_tensor(flat.tensors[sp.key]), sp.piece)
+                dst = buf[pp.offset : pp.offset + pp.nbytes].view(torch_dtype(pp.dtype))
+                dst.view(src.shape).copy_(src)
+        finally:
+            del buf  # the mapping stays (reused); no view of it outlives the copy
+        desc = {**static, "step": step, "rng": rng, "objects": objects}
+        self.daemon.commit(lease, json.dumps(desc, separators=(",", ":")).encode())
+        stall = time.perf_counter() - t0
+        fut = self._worker.submit(self._await_daemon, job, step, root, nbytes, t0, stall)
+        handle = SaveHandle(step, fut, stall)
+        with self._lock:
+            self._pending = [h for h in self._pending if not h.done()] + [handle]
+        if blocking:
+            handle.wait()
+        return handle
+
+    def _descriptor_static(
+        self, entry: PlanEntry, nodes: tuple[str, ...], root: str, job: str, coords: str
+    ) -> dict[str, Any]:
+        """The descriptor fields that only change with the plan (cached: JSON of a large
+        plan costs milliseconds that would otherwise be in every stall)."""
+        key = (id(entry), nodes, root, job)
+        hit = self._descriptors.get(key)
+        if hit is None:
+            rp = entry.rank_plan
+            names = {c.name for c in rp.chunks} | set(entry.meta_owned)
+            desc = SnapshotDescriptor(
+                job=job, step=0, rank=self.ctx.rank, world=self.ctx.world, nodes=nodes,
+                root=root, pieces=tuple(entry.payload), plan=rp,
+                records={n: entry.records[n] for n in sorted(names)},
+                meta_owned=entry.meta_owned,
+                metas={n: tp.meta for n, tp in entry.plan.tensors.items()},
+                rng={}, objects={}, coords=coords,
+                layouts_digest=_layouts_digest(entry.layouts),
+            )
+            hit = desc.to_json()
+            self._descriptors = {key: hit}  # one plan at a time, like the plan cache
+        return hit
+
+    def _await_daemon(
+        self, job: str, step: int, root: str, nbytes: int, t0: float, stall: float
+    ) -> SaveResult:
+        """Wait until the daemon reports the configured state of the step (or its error)."""
+        assert self.daemon is not None
+        target = _WAIT_STATES[self.config.daemon_wait]
+        deadline = time.monotonic() + self.config.daemon_wait_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"save of step {step}: the daemon did not reach "
+                    f"{self.config.daemon_wait!r} within {self.config.daemon_wait_timeout_s} s")
+            state, error = self.daemon.wait_step(job, step, target, min(left, 60.0))
+            if error or state == pb.STEP_STATE_FAILED:
+                raise SaveFailedError(f"save of step {step} through ckptd failed: {error}")
+            if _STATE_RANK.get(state, 0) >= _STATE_RANK[target]:
+                committed = state == pb.STEP_STATE_COMMITTED
+                return SaveResult(step, root, nbytes, stall, time.perf_counter() - t0, committed)
+
     def wait_all(self, timeout: float | None = None) -> list[SaveResult]:
         """Wait for every pending save; raises the first error."""
         with self._lock:
@@ -200,6 +299,8 @@ class Saver:
             self._worker.shutdown(wait=True)
             for gc in self._gcs.values():
                 gc.close()
+            if self.daemon is not None:
+                self.daemon.close()
 
     def _rank_layout(self, flat: FlatState, layout: Layout | None) -> tuple[RankLayout, str]:
         """This rank's layout and its digest, cached by a cheap signature of the state.
@@ -391,8 +492,10 @@ def _derive(
         [(metas[s.piece.name].dtype, s.piece.global_box.lengths) for s in rp.staged]
         + [(metas[t.name].dtype, t.box.lengths) for t in rp.recvs]
     )
+    payload = tuple(payload_pieces(rp.staged, metas))
     return PlanEntry(
-        plan, rp, chunk_recipes(rp), records, meta_owned, specs, arena_bytes(specs), layouts
+        plan, rp, chunk_recipes(rp), records, meta_owned, specs, arena_bytes(specs), layouts,
+        payload,
     )
 
 
@@ -455,6 +558,17 @@ def _split_objects(
 
 
 _ABSENT = object()
+_WAIT_STATES = {
+    "staged": pb.STEP_STATE_STAGED,
+    "protected": pb.STEP_STATE_PROTECTED,
+    "committed": pb.STEP_STATE_COMMITTED,
+}
+_STATE_RANK = {
+    pb.STEP_STATE_STAGED: 1,
+    pb.STEP_STATE_PROTECTED: 2,
+    pb.STEP_STATE_PERSISTED: 3,
+    pb.STEP_STATE_COMMITTED: 4,
+}
 
 
 def _layouts_digest(layouts: tuple[RankLayout, ...]) -> str:

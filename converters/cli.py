@@ -2,7 +2,7 @@
 
     ckpt-convert SRC DST [--from F] [--to T] [--step N] [--workers N] [--dry-run]
                  [--overwrite] [--weights-only] [--max-shard-size S]
-                 [--rename-map FILE.json] [--json] [--progress/--no-progress]
+                 [--rename-map FILE.json|SPEC|reverse:SPEC] [--json] [--progress/--no-progress]
 
 Exit codes: 0 success; 1 failure (missing source, malformed input, destination exists
 without ``--overwrite``, storage error), one line on stderr saying why; 2 usage error.
@@ -109,7 +109,9 @@ def _print_plan(plan: dict[str, Any]) -> None:
 @click.option(
     "--rename-map",
     type=click.Path(dir_okay=False),
-    help='JSON name map (exact renames, or {"rules": [...]} with regexes).',
+    help='JSON name map (exact renames, or {"rules": [...]} with regexes), or a reshard '
+    "spec (shipped name or .ckspec) whose renames merge/split fused tensors; "
+    "reverse:NAME applies it backwards.",
 )
 @click.option(
     "--var",
@@ -122,7 +124,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
     "--target-layout",
     default=None,
     metavar="tp=N,pp=M",
-    help="Parallel layout of a spec-driven target (Megatron), e.g. tp=4,pp=2.",
+    help="Parallel layout of the target: Megatron tp=4,pp=2; DeepSpeed dp=4[,zero=2,groups=2].",
 )
 @click.option("--spec", default=None, help="Shipped reshard spec name or a .ckspec path.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")

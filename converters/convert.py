@@ -35,7 +35,7 @@ from ckptd.converters.sources.base import (
     TargetExistsError,
     TensorInfo,
 )
-from ckptd.converters.sources.namemap import NameMap
+from ckptd.converters.sources.namemap import Assembler, NameMap, NameMapLike, Segment
 from ckptd.converters.targets import Existing, Target, TargetOptions, open_target
 
 OPTIM_PREFIXES = ("optim.", "optimizer.")
@@ -70,7 +70,7 @@ class ConvertOptions:
     overwrite: bool = False
     weights_only: bool = False
     max_shard_size: int = 5_000_000_000
-    name_map: NameMap | None = None
+    name_map: NameMapLike | None = None  # JSON NameMap or a spec's SpecNameMap
     codec: str = "auto"
     progress: bool = False  # byte-based bar on stderr
     variables: tuple[tuple[str, int], ...] = ()  # model variables for spec-driven formats
@@ -88,6 +88,7 @@ class TensorMove:
     shape: tuple[int, ...]
     nbytes: int
     output: str
+    segments: tuple[Segment, ...] = ()  # merge/split/transpose; empty: ``source`` as is
 
 
 @dataclass(frozen=True)
@@ -185,34 +186,38 @@ class ConvertResult:
 def build_plan(
     inventory: Sequence[TensorInfo],
     target: Target,
-    name_map: NameMap | None,
+    name_map: NameMapLike | None,
     weights_only: bool,
+    variables: dict[str, int] | None = None,
 ) -> tuple[tuple[TensorMove, ...], tuple[str, ...], tuple[str, ...]]:
     """Pure: (source layout, target layout, spec) -> (moves, dropped, outputs).
 
+    The name map may merge or split tensors (``variables`` size a spec's fused parts).
     Raises :class:`PlanError` if two source tensors map to one target name or a target
     name is invalid for the target format.
     """
-    kept: list[tuple[str, TensorInfo]] = []
-    dropped: list[str] = []
+    mapped = (name_map or NameMap()).map_inventory(inventory, variables)
+    kept: list[tuple[str, TensorInfo, tuple[Segment, ...]]] = []
+    dropped: list[str] = list(mapped.dropped)
     seen: dict[str, str] = {}
-    for info in inventory:
-        new = name_map.apply(info.name) if name_map is not None else info.name
-        if new is None or (weights_only and _is_optim(info.name, new)):
-            dropped.append(info.name)
+    for m in mapped.tensors:
+        new, src = m.target.name, "+".join(m.sources)
+        if weights_only and _is_optim(*m.sources, new):
+            dropped.extend(m.sources)
             continue
         if new in seen:
             raise PlanError(
-                f"source tensors {seen[new]!r} and {info.name!r} both map to {new!r}; "
+                f"source tensors {seen[new]!r} and {src!r} both map to {new!r}; "
                 "fix the name map"
             )
-        seen[new] = info.name
+        seen[new] = src
         target.validate_name(new)
-        kept.append((info.name, TensorInfo(new, info.dtype, info.shape)))
-    layout = target.layout([t for _, t in kept])
+        kept.append((src, m.target, m.segments))
+    layout = target.layout([t for _, t, _ in kept])
     output_of = layout.output_of()
     moves = tuple(
-        TensorMove(src, t.name, t.dtype, t.shape, t.nbytes, output_of[t.name]) for src, t in kept
+        TensorMove(src, t.name, t.dtype, t.shape, t.nbytes, output_of[t.name], seg)
+        for src, t, seg in kept
     )
     return moves, tuple(dropped), layout.outputs
 
@@ -227,8 +232,9 @@ def plan_conversion(src: str, dst: str, options: ConvertOptions) -> ConversionPl
         src, options.source_format, options.step, options.workers, options.variables, options.spec
     ) as source:
         target = open_target(dst, options.target_format, _target_options(source.step, options))
+        variables = {**getattr(source, "variables", {}), **dict(options.variables)}
         moves, dropped, outputs = build_plan(
-            source.tensors(), target, options.name_map, options.weights_only
+            source.tensors(), target, options.name_map, options.weights_only, variables
         )
         plan = ConversionPlan(
             source_format=source.format,
@@ -269,6 +275,7 @@ def _fingerprint(plan: ConversionPlan) -> str:
         "source": [plan.source_format, plan.source_fingerprint, plan.source_step],
         "target": [plan.target_format, asdict(plan.target_options)],
         "moves": [[m.source, m.target, m.dtype, list(m.shape), m.output] for m in plan.moves],
+        "segments": [[m.target, [asdict(s) for s in m.segments]] for m in plan.moves if m.segments],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -325,8 +332,11 @@ def execute(
         bar = _progress_bar(plan.total_bytes, options.progress)
         resumed: list[str] = []
 
+        assembler = Assembler(source, {m.target: (m.source, m.segments) for m in plan.moves})
+
         def fetch(name: str) -> torch.Tensor:
-            return source.read(by_target[name].source)
+            m = by_target[name]
+            return assembler.fetch(name, TensorInfo(m.target, m.dtype, m.shape))
 
         def on_done(name: str, nbytes: int, was_resumed: bool) -> None:
             bar.update(nbytes)

@@ -5,6 +5,7 @@ Schema (every key optional unless noted; defaults in brackets)::
     node_name: node-a            # [host name] unique per node, [A-Za-z0-9._-]
     socket_path: /run/ckptd/ckptd.sock   # local clients; dir 0700 owned by us, socket 0600
     listen: {host: 0.0.0.0, port: 7477}  # peer gRPC (TCP)
+    data: {port: 7478}           # bulk data channel between daemons (TCP, same host)
     health_port: null            # extra plaintext health-only port (probes when tls is on)
     peers:
       static: [node-b=10.0.0.2:7477, 10.0.0.3:7477, {name: node-d, address: h:7477}]
@@ -53,6 +54,7 @@ from ckptd.daemon.auth import Secret
 from ckptd.errors import CkptError
 
 DEFAULT_PEER_PORT = 7477
+DEFAULT_DATA_PORT = 7478  # bulk data channel (daemon/datachannel.py), next to the gRPC port
 DEFAULT_METRICS_PORT = 9477  # not 9100/9400/9464 (node, DCGM, OpenTelemetry exporters)
 DEFAULT_SOCKET_PATH = "/run/ckptd/ckptd.sock"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -128,6 +130,7 @@ class DaemonConfig:
     socket_path: str = DEFAULT_SOCKET_PATH
     listen_host: str = "0.0.0.0"
     listen_port: int = DEFAULT_PEER_PORT
+    data_port: int = DEFAULT_DATA_PORT
     health_port: int | None = None
     peers: PeersConfig = field(default_factory=PeersConfig)
     erasure_n: int = 4
@@ -168,8 +171,8 @@ class DaemonConfig:
 
 _FILE_KEYS = {  # DaemonConfig field -> key in the file (peers, tls, rate limit: to_yaml)
     "node_name": "node_name", "socket_path": "socket_path", "listen_host": "listen.host",
-    "listen_port": "listen.port", "health_port": "health_port", "erasure_n": "erasure.n",
-    "erasure_m": "erasure.m", "shm_dir": "memory.shm_dir",
+    "listen_port": "listen.port", "data_port": "data.port", "health_port": "health_port",
+    "erasure_n": "erasure.n", "erasure_m": "erasure.m", "shm_dir": "memory.shm_dir",
     "memory_budget_bytes": "memory.budget_bytes", "persistence_root": "persistence.root_url",
     "keep_last": "retention.keep_last", "keep_every": "retention.keep_every",
     "token_file": "auth.token_file", "allow_unauthenticated": "auth.allow_unauthenticated",
@@ -414,15 +417,17 @@ def _build(r: _Reader, env: Mapping[str, str]) -> DaemonConfig | None:
                         f"{ENV_TOKEN}); set auth.allow_unauthenticated: true only for tests")
     metrics_port = r.get("metrics.port", "port", DEFAULT_METRICS_PORT, _port())
     health_port = r.get("health_port", "port", None, _port())
-    used = [p for p in (listen_port, metrics_port, health_port) if p]
+    data_port = r.get("data.port", "port", DEFAULT_DATA_PORT, _port())
+    used = [p for p in (listen_port, data_port, metrics_port, health_port) if p]
     if len(set(used)) != len(used):
-        problems.append(f"listen.port/metrics.port/health_port: must differ (got {used})")
+        problems.append(
+            f"listen.port/data.port/metrics.port/health_port: must differ (got {used})")
     keep_every = r.get("retention.keep_every", "int", None,
                        lambda v: None if v >= 1 else "must be >= 1 or null")
     cfg = DaemonConfig(
         node_name=node_name, socket_path=socket_path,
         listen_host=r.get("listen.host", "str", "0.0.0.0"), listen_port=listen_port,
-        health_port=health_port, peers=peers, erasure_n=n, erasure_m=m,
+        data_port=data_port, health_port=health_port, peers=peers, erasure_n=n, erasure_m=m,
         shm_dir=r.get("memory.shm_dir", "str", "/dev/shm/ckptd", _absolute),
         memory_budget_bytes=r.get("memory.budget_bytes", "size", 8 << 30, _positive),
         persistence_root=r.get("persistence.root_url", "str", None) or None,

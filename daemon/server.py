@@ -40,8 +40,11 @@ from ckptd.daemon.auth import (
     prepare_socket_path,
 )
 from ckptd.daemon.config import DaemonConfig
+from ckptd.daemon.handlers import ControlSnapshots, PeerSnapshots, query_peers
 from ckptd.daemon.logs import get_logger
 from ckptd.daemon.metrics import DaemonMetrics
+from ckptd.daemon.service import DaemonBlobs, SnapshotService
+from ckptd.daemon.transport import DataServer
 from ckptd.rpc.v1 import daemon_pb2 as pb
 from ckptd.rpc.v1 import daemon_pb2_grpc as pb_grpc
 
@@ -279,7 +282,7 @@ class Membership:
             await asyncio.sleep(cfg.dns_refresh_s)
 
 
-class ControlServicer(pb_grpc.ControlServicer):
+class ControlServicer(ControlSnapshots, pb_grpc.ControlServicer):
     """Local control plane (unix socket)."""
 
     def __init__(self, daemon: Daemon) -> None:
@@ -298,7 +301,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         return self._daemon.status()
 
 
-class PeerServicer(pb_grpc.PeerServicer):
+class PeerServicer(PeerSnapshots, pb_grpc.PeerServicer):
     """Daemon-to-daemon membership (TCP)."""
 
     def __init__(self, daemon: Daemon) -> None:
@@ -329,6 +332,12 @@ class Daemon:
         self.memory_used = 0
         self.peer_port = 0
         self.metrics_port = 0
+        self.snapshots = SnapshotService(config.node_name, config.shm_dir,
+                                         config.memory_budget_bytes)
+        self.blobs = DaemonBlobs(self.snapshots)
+        self.data_servers: list[DataServer] = []
+        self.data_address = ""  # TCP data channel, advertised to peers
+        self.local_data_address = ""  # unix data channel, for trainers on this node
         self._servers: list[tuple[grpc.aio.Server, health.aio.HealthServicer, list[str]]] = []
         self._extra: dict[str, list[ServiceAdder]] = {"unix": [], "tcp": []}
         self._extra_names: dict[str, list[str]] = {"unix": [], "tcp": []}
@@ -349,6 +358,8 @@ class Daemon:
         """
         cfg = self.config
         prepare_socket_path(cfg.socket_path)
+        self.snapshots.adopt()  # before any listener: no lease can race the adoption
+        self.refresh_memory()
         try:
             unix = self._new_server("unix", [CONTROL_SERVICE],
                                     pb_grpc.add_ControlServicer_to_server, ControlServicer(self))
@@ -366,9 +377,12 @@ class Daemon:
             for server, _, _ in self._servers:
                 await server.start()
             os.chmod(cfg.socket_path, 0o600)
+            self._start_data_servers()
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         except BaseException:
             await self._close_servers(grace=None)
+            self._close_data_servers()
+            self.snapshots.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.socket_path)  # ours: prepare_socket_path removed any other
             raise
@@ -394,6 +408,8 @@ class Daemon:
             log.info("draining", grace_s=grace)
         await self.membership.stop()
         await self._close_servers(grace)
+        self._close_data_servers()
+        self.snapshots.close()
         self.metrics.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket_path)
@@ -402,6 +418,7 @@ class Daemon:
     def status(self) -> pb.StatusResponse:
         """The ``Control.Status`` answer."""
         cfg = self.config
+        self.refresh_memory()
         groups, mine = self.membership.groups()
         summary = pb.ConfigSummary(
             erasure_n=cfg.erasure_n, erasure_m=cfg.erasure_m, shm_dir=cfg.shm_dir,
@@ -421,7 +438,53 @@ class Daemon:
             groups=[pb.ErasureGroup(members=g) for g in groups], my_group=mine,
             serving="SERVING" if self._serving else "NOT_SERVING")
 
+    def refresh_memory(self) -> None:
+        """Publish shared-memory use (status and metrics)."""
+        self.memory_used = self.snapshots.memory_used()
+        self.metrics.set_memory(budget_bytes=self.config.memory_budget_bytes,
+                                used_bytes=self.memory_used)
+
+    def local_snapshots(self, job: str) -> pb.LocalSnapshotsResponse:
+        """What this daemon holds of ``job`` (the ``Peer.LocalSnapshots`` answer)."""
+        cfg = self.config
+        return self.snapshots.local_snapshots(job, self.data_address, self.generation,
+                                              cfg.erasure_n, cfg.erasure_m)
+
+    async def job_status(self, job: str) -> pb.JobStatusResponse:
+        """This daemon's view of ``job`` and every reachable peer's."""
+        views = [pb.NodeView(node=self.config.node_name, reachable=True,
+                             local=self.local_snapshots(job))]
+        views += await query_peers(self, job)
+        return pb.JobStatusResponse(job=job, nodes=views)
+
+    async def persistence_report(self, job: str, step: int, node: str,
+                                 reports: list[dict[str, Any]]) -> None:
+        """A node's persistence report for a step (the coordinator collects them)."""
+        handler = getattr(self, "_persist_reports", None)
+        if handler is None:
+            raise RuntimeError("this daemon does not coordinate persistence")
+        await handler(job, step, node, reports)
+
     # ------------------------------------------------------------------ internals
+    def _start_data_servers(self) -> None:
+        cfg = self.config
+        token = (cfg.token.reveal() if cfg.token is not None else "unauthenticated").encode()
+        tcp = DataServer(_join(cfg.listen_host, cfg.data_port), token, self.blobs)
+        self.data_servers.append(tcp)
+        bound = tcp.start()
+        host = cfg.listen_host if cfg.listen_host not in ("0.0.0.0", "::", "") else None
+        port = bound.rsplit(":", 1)[1]
+        # Peers reach us at the host of our gRPC address; advertise that host with our port.
+        self.data_address = _join(host or _advertised_host(cfg), int(port))
+        unix = DataServer(f"unix:{cfg.socket_path}.data", token, self.blobs)
+        self.data_servers.append(unix)
+        self.local_data_address = unix.start()
+
+    def _close_data_servers(self) -> None:
+        for server in self.data_servers:
+            server.close()
+        self.data_servers.clear()
+
     def _new_server(self, listener: str, services: list[str], add: Any = None,
                     servicer: Any = None) -> tuple[grpc.aio.Server, Any, list[str]]:
         cfg = self.config
@@ -455,6 +518,17 @@ class Daemon:
     async def _close_servers(self, grace: float | None) -> None:
         await asyncio.gather(*(server.stop(grace) for server, _, _ in self._servers))
         self._servers.clear()
+
+
+def _advertised_host(cfg: DaemonConfig) -> str:
+    """The address peers use for us when we listen on every interface."""
+    env = os.environ.get("POD_IP")  # Kubernetes downward API, when the chart sets it
+    if env:
+        return env
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _join(host: str, port: int) -> str:

@@ -14,8 +14,13 @@ Roles and call order:
 * Daemon readers (persistence, erasure coding, restore) call ``slot.latest()``: the last
   committed snapshot once magic, version, epoch, generation and CRC32Cs check out, else
   None; *pinned* until ``release()``: a ``begin`` that needs its buffer waits (backpressure),
-  then raises ``SnapshotBusyError``.  ``store.release(rank)`` frees a slot's memory;
-  ``store.close()`` unmaps but keeps the files, for the next daemon's ``adopt``.
+  then raises ``SnapshotBusyError``.  ``slot.previous()``: the snapshot committed before
+  the latest, for as long as its buffer has not been reused (the next ``begin`` reuses
+  it); ``slot.at_step(step)``: whichever of the two is of that step.  Erasure protection
+  keeps step s's snapshots pinned until step s+1 is protected, so a save of step s+2
+  waits for that rather than destroying the last protected step.
+  ``store.release(rank)`` frees a slot's memory; ``store.close()`` unmaps but keeps the
+  files, for the next daemon's ``adopt``.
 
 Double buffering: a snapshot is written into the buffer that does *not* hold the last
 committed one, so a crash mid-write never damages it.  A slot's record file (JSON,
@@ -137,6 +142,10 @@ class Slot:
         self.store, self.rank, self.epoch = store, rank, epoch
         self.segments: list[Segment | None] = [None, None]
         self.committed: tuple[int, int] | None = None  # (generation, buffer)
+        # The snapshot committed before ``committed``, while its buffer is untouched:
+        # what readers of the last *protected* step use once a newer step is committed.
+        # Not kept across a daemon restart (the record names one committed snapshot).
+        self.prior: tuple[int, int] | None = None
         self._next_gen = 1
         self._pins = [0, 0]
         self._writer: WritableSnapshot | None = None
@@ -163,6 +172,8 @@ class Slot:
                     "needs its buffer (persistence or peers are behind: save less often)"
                 )
             self._check_open()
+            if self.prior is not None and self.prior[1] == target:
+                self.prior = None  # its buffer is about to be overwritten
             gen = self._next_gen
             self._next_gen += 1
             seg = self.segments[target]
@@ -191,6 +202,8 @@ class Slot:
 
     def _grow(self, b: int, nbytes: int, step: int | None, serial: int) -> Segment:
         old = self.segments[b]
+        if self.prior is not None and self.prior[1] == b:
+            self.prior = None  # the buffer is replaced: its snapshot goes with it
         old_size = HEADER_SIZE + old.capacity if old else 0
         exact = shm.page_round(nbytes)
         cap = max(exact, shm.page_round(int(old.capacity * self.store.growth))) if old else exact
@@ -237,6 +250,8 @@ class Slot:
             w._seg.write_descriptor(desc)
             w._seg.write_header(hdr)
             w._seg.set_state(COMPLETE)  # last write into the buffer
+            if self.committed is not None and self.committed[1] != hdr.buffer:
+                self.prior = self.committed
             self.committed = (hdr.generation, hdr.buffer)
             self._write_record()  # the commit point
             self._supersede()
@@ -256,11 +271,31 @@ class Slot:
         ``store.discarded``) and None is returned: never stale or damaged bytes.
         ``verify=False`` skips only the payload CRC (the header checks always run).
         """
+        return self._pinned(self.committed, verify)
+
+    def previous(self, verify: bool = True) -> CompleteSnapshot | None:
+        """The snapshot committed before the latest, verified and pinned; None if there is
+        none or its buffer was reused (by a ``begin`` since the latest commit, a growth,
+        or a daemon restart).  While pinned, a ``begin`` that needs its buffer waits."""
+        return self._pinned(self.prior, verify)
+
+    def at_step(self, step: int, verify: bool = True) -> CompleteSnapshot | None:
+        """The latest or else the previous snapshot if it is of ``step``; None otherwise."""
+        for get in (self.latest, self.previous):
+            snap = get(verify)
+            if snap is not None:
+                if snap.info.step == step:
+                    return snap
+                snap.release()
+        return None
+
+    def _pinned(self, which: tuple[int, int] | None, verify: bool) -> CompleteSnapshot | None:
         with self._cond:
             self._check_open()
-            if self.committed is None:
+            # Re-read under the lock: ``which`` was read without it.
+            if which is None or which not in (self.committed, self.prior):
                 return None
-            gen, b = self.committed
+            gen, b = which
             self._pins[b] += 1
         try:
             seg, info, desc = self._check(b, gen, verify)
@@ -289,6 +324,8 @@ class Slot:
             path = seg.path if seg else f"buffer {b}"
             if self._closed:  # released under the reader: nothing was wrong with the bytes
                 return
+            if self.prior == (gen, b):
+                self.prior = None
             if self.committed == (gen, b):
                 self.committed = None
                 self._write_record()
@@ -369,6 +406,11 @@ class SnapshotStore:
                 slot = self._slots[rank] = Slot(self, rank, secrets.randbits(63) | 1)
                 slot._write_record()
             return slot
+
+    def ranks(self) -> list[int]:
+        """Ranks with a slot in this store (adopted or used), ascending."""
+        with self._lock:
+            return sorted(self._slots)
 
     def used_bytes(self) -> int:
         """Shared memory held by every buffer of this store (compare with budget_bytes)."""

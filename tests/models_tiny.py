@@ -264,3 +264,97 @@ def assert_local(
     p = got[pad].float()
     ok = bool((p == SENTINEL).all()) or bool((p == 0).all())
     assert ok, f"{what}: padding was overwritten with data: {p[:8].tolist()}"
+
+
+# ------------------------------------------- tiny LLaMA forward (no transformers needed)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding, rotate-half form (HF LLaMA and Megatron-Core); x: [T, h, d]."""
+    t, d = x.shape[0], x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.outer(torch.arange(t, dtype=torch.float64), inv)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, :].to(x.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, :].to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention; q [T, h, d], k/v [T, h, d] -> [T, h * d]."""
+    t, d = q.shape[0], q.shape[-1]
+    s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v).reshape(t, -1)
+
+
+def llama_forward(w: Mapping[str, torch.Tensor], ids: torch.Tensor, heads: int,
+                  kv_heads: int) -> torch.Tensor:
+    """Logits [T, vocab] of a LLaMA model given in Hugging Face names (float64)."""
+    w = {k: v.double() for k, v in w.items()}
+    x = w["model.embed_tokens.weight"][ids]
+    layers = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers."))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        h = _rms(x, w[p + "input_layernorm.weight"])
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(len(ids), heads, -1)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(len(ids), kv_heads, -1)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(len(ids), kv_heads, -1)
+        rep = heads // kv_heads  # query head j reads kv head j // rep
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        x = x + _attend(_rope(q), _rope(k), v) @ w[p + "self_attn.o_proj.weight"].T
+        h = _rms(x, w[p + "post_attention_layernorm.weight"])
+        g, u = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(g) * u) @ w[p + "mlp.down_proj.weight"].T
+    return _rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def megatron_llama_forward(ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
+                           ids: torch.Tensor, heads: int, kv_heads: int,
+                           vocab: int) -> torch.Tensor:
+    """Logits [T, vocab] computed the way Megatron-Core runs TP x PP ranks.
+
+    ``ranks[(tp_rank, pp_stage)]`` is a rank file's model dict (local names, local
+    shards). Each TP rank computes its own query groups (its ``linear_qkv`` rows are
+    ``[q heads of group g; k_g; v_g]`` per group) and its ``[gate_r; up_r]`` half of
+    ``linear_fc1``; row-parallel outputs are summed over TP ranks (the all-reduce); the
+    vocabulary-parallel logits are concatenated and the padding columns cut off.
+    Written from Megatron's conventions, independently of ckptd's placements.
+    """
+    tp = 1 + max(t for t, _ in ranks)
+    pp = 1 + max(s for _, s in ranks)
+    r = {k: {n: v.double() for n, v in m.items()} for k, m in ranks.items()}
+    x = torch.cat([r[(t, 0)]["embedding.word_embeddings.weight"] for t in range(tp)])[ids]
+    per_group = heads // kv_heads
+    for s in range(pp):
+        local = sorted({int(n.split(".")[2]) for n in r[(0, s)] if n.startswith("decoder.layers.")})
+        for i in local:
+            p = f"decoder.layers.{i}."
+            attn = torch.zeros_like(x)
+            for t in range(tp):
+                m = r[(t, s)]
+                h = _rms(x, m[p + "self_attention.linear_qkv.layer_norm_weight"])
+                mixed = h @ m[p + "self_attention.linear_qkv.weight"].T
+                groups = mixed.shape[-1] // ((per_group + 2) * (x.shape[-1] // heads))
+                mixed = mixed.view(len(ids), groups, per_group + 2, -1)
+                q = mixed[:, :, :per_group].reshape(len(ids), groups * per_group, -1)
+                k = mixed[:, :, per_group].repeat_interleave(per_group, 1)
+                v = mixed[:, :, per_group + 1].repeat_interleave(per_group, 1)
+                o = _attend(_rope(q), _rope(k), v)
+                attn = attn + o @ m[p + "self_attention.linear_proj.weight"].T
+            x = x + attn
+            mlp = torch.zeros_like(x)
+            for t in range(tp):
+                m = r[(t, s)]
+                h = _rms(x, m[p + "mlp.linear_fc1.layer_norm_weight"])
+                g, u = (h @ m[p + "mlp.linear_fc1.weight"].T).chunk(2, -1)
+                mlp = mlp + (torch.nn.functional.silu(g) * u) @ m[p + "mlp.linear_fc2.weight"].T
+            x = x + mlp
+    last = pp - 1
+    x = _rms(x, r[(0, last)]["decoder.final_layernorm.weight"])
+    logits = torch.cat([x @ r[(t, last)]["output_layer.weight"].T for t in range(tp)], -1)
+    return logits[:, :vocab]

@@ -666,6 +666,10 @@ def test_shipped_spec_covers_its_framework(name: str) -> None:
     spec.check_coverage(["optim.state.not.a.model.key"])  # outside the prefix: skipped
     if name == "hf_llama_to_megatron":
         return  # needs shapes (fused parts); exercised end to end above
+    if name == "hf_gpt2_to_megatron":  # a name map only: its transposes are no layout
+        with pytest.raises(SpecError, match="transpose"):
+            spec.layout_for(keys)
+        return
     lay = spec.layout_for(keys)
     assert set(lay.rules) | set(lay.dropped) <= set(keys)
     with pytest.raises(SpecCoverageError):
@@ -697,3 +701,15 @@ def test_documented_example_compiles() -> None:
     spec = compile_spec(example, _cfg(tp=2, pp=2, ep=2), coords={"tp": 1, "pp": 1, "ep": 1})
     assert spec.logical_name("decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight") == (
         "decoder.layers.2.mlp.experts.local_experts.1.linear_fc2.weight")
+
+
+def test_rename_options_parse_and_layouts_refuse_transpose() -> None:
+    spec = parse_spec("rename: a.{i}.w -> b.{i}.w : transpose\nb.{i}.w : replicate\n")
+    (ren, _) = spec.statements
+    assert [o.name for o in ren.options] == ["transpose"]
+    compiled = compile_spec(spec)
+    assert compiled.logical_name("a.3.w") == "b.3.w"
+    with pytest.raises(SpecError, match=r"<string>:1:30: 'a.3.w' is renamed with ': transpose'"):
+        compiled.layout_for(["a.3.w"])
+    with pytest.raises(SpecError, match=r"<string>:1:32: transpose takes no arguments"):
+        compile_spec("rename: a.w -> b.w : transpose(dim=1)\nb.w : replicate\n")

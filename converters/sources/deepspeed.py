@@ -212,10 +212,13 @@ class DeepSpeedSource(InventorySource):
             if r == 0:
                 self._steps = [self._group_step(osd, g) for g in range(len(groups))]
         for g, group in enumerate(groups):
-            per_rank = {s[g] for s in sizes}
-            if len(per_rank) != 1:
+            # DeepSpeed's state_dict() saves the last rank's partitions without the
+            # group's alignment padding (group_paddings): it may be shorter.
+            per_rank = {s[g] for s in sizes[:-1]} or {sizes[-1][g]}
+            if len(per_rank) != 1 or sizes[-1][g] > min(per_rank):
                 raise SourceFormatError(
-                    f"{self.dir}: group {g} partitions differ across ranks: {sorted(per_rank)}"
+                    f"{self.dir}: group {g} partitions differ across ranks: "
+                    f"{[s[g] for s in sizes]}"
                 )
             part, off = per_rank.pop(), 0
             self._parts.append(part)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 import torch
 
@@ -24,6 +25,7 @@ from ckptd.converters.sources.base import (
     check_read,
 )
 from ckptd.converters.sources.safetensors_header import HeaderEntry, read_header
+from ckptd.dtypes import dtype_name
 
 INDEX_SUFFIX = ".safetensors.index.json"
 LARGE_BYTES = 16 << 20  # tensors at least this large get their own handle
@@ -96,6 +98,38 @@ class HFSource(Source):
                 raise
             raise SourceFormatError(f"{where}: tensor {name!r}: cannot read: {e}") from e
         return check_read(entry.info, t, where)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor ``name`` straight into the contiguous ``out`` (a slice of a fused
+        tensor being assembled): the bytes go from the file into ``out``, no copy."""
+        path, entry = self._entries[name]
+        if dtype_name(out.dtype) != entry.info.dtype or tuple(out.shape) != entry.info.shape:
+            raise SourceFormatError(
+                f"{path}: tensor {name!r} is {entry.info.dtype}{list(entry.info.shape)}, "
+                f"asked to read it into {dtype_name(out.dtype)}{list(out.shape)}"
+            )
+        if not out.is_contiguous() or sys.byteorder != "little":
+            out.copy_(self.read(name))
+            return
+        size = entry.end - entry.begin
+        if size == 0:
+            return
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(entry.begin)
+                got = 0
+                while got < size:
+                    n = f.readinto(buf[got:])
+                    if not n:
+                        break
+                    got += n
+        except OSError as e:
+            raise SourceFormatError(f"{path}: tensor {name!r}: cannot read: {e}") from e
+        if got != size:
+            raise SourceFormatError(
+                f"{path}: tensor {name!r}: file ends after {got} of its {size} bytes"
+            )
 
     def fingerprint(self) -> str:
         parts = [f"{f}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in self.files]

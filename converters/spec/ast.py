@@ -70,6 +70,7 @@ class Rename:
 
     ``axis``/``axis_var`` bind the rank's coordinate on ``axis`` (``pp`` for ``stage``)
     to ``axis_var`` in the target. ``part`` selects a part of a fused target tensor.
+    ``options``: the transforms after a second ``:`` (``transpose``), for name maps.
     """
 
     source: Pattern
@@ -80,6 +81,7 @@ class Rename:
     part_loc: Loc | None
     loc: Loc
     text: str
+    options: tuple[Transform, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from ckptd.converters.spec.scope import AXES, Scope
 from ckptd.layout import Layout
 
 SpecSource = str | os.PathLike | ast.Spec
+#: options after ``rename: a -> b :`` (name maps only; a layout cannot transpose)
+RENAME_OPTIONS = ("transpose",)
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,34 @@ class CompiledSpec:
                 hit = r.matcher.search(name)
                 if hit is None:
                     continue
-                start, end, caps = hit
-                if r.stmt.axis_var is not None:
-                    caps[r.stmt.axis_var] = int(self.coords.get(r.stmt.axis or "", 0))
-                new = render(r.stmt.target, lambda n, loc, c=caps: self.scope.lookup(n, loc, c))
-                name = name[:start] + new + name[end:]
+                name = self._resolve_one(r, name, hit)
                 if r.stmt.part is not None:
                     part, part_loc = r.stmt.part, r.stmt.part_loc
         return name, part, part_loc
+
+    @property
+    def name_renames(self) -> tuple[tuple[ast.Rename, Matcher], ...]:
+        """The ``rename:`` lines (not ``stage``/``on``) in file order, with matchers."""
+        return tuple((r.stmt, r.matcher) for r in self._renames if r.stmt.axis is None)
+
+    def rules_for_name(self, name: str) -> list[tuple[CompiledRule, dict[str, Value]]]:
+        """Placement rules matching the logical ``name`` itself (no renaming)."""
+        s = self._strip(name)
+        return [(r, caps) for r in self.rules if (caps := r.matcher.fullmatch(s)) is not None]
+
+    def rule_params(self, rule: CompiledRule, caps: Mapping[str, Value]) -> Params:
+        """``rule``'s arguments evaluated with ``caps`` (``MissingVariableError`` if a
+        variable it needs has no value)."""
+        return self._params(rule, caps)
+
+    def render_target(self, stmt: ast.Rename, caps: Mapping[str, Value]) -> str:
+        """The target of rename ``stmt`` for a source match's captures."""
+        with self._located():
+            return render(stmt.target, lambda n, loc: self.scope.lookup(n, loc, caps))
+
+    def located(self) -> _AddSource:
+        """Context manager adding the source line under a located SpecError."""
+        return self._located()
 
     def _strip(self, name: str) -> str:
         return name[len(self.prefix):] if name.startswith(self.prefix) else name
@@ -204,6 +226,7 @@ class CompiledSpec:
             rule, caps = hits[0]
             params = self._params(rule, caps)
             _, part, part_loc = self._resolve(key)
+            self._check_no_transpose(key)
             shape = shapes.get(key)
             with self._located():
                 pl = rule.placement(params, key, tuple(shape) if shape is not None else None,
@@ -215,6 +238,25 @@ class CompiledSpec:
         rename = SpecRename(self) if self._renames else None
         return SpecLayout(rules=rules, rename=rename, coords=dict(self.coords),
                           exclude=tuple(dropped), dropped=tuple(dropped), policies=policies)
+
+    def _check_no_transpose(self, key: str) -> None:
+        name = key
+        for r in self._renames:
+            hit = r.matcher.search(name)
+            if hit is None:
+                continue
+            if r.stmt.options:
+                raise SpecError(f"{key!r} is renamed with ': {r.stmt.options[0].name}', which "
+                                "only a name map (ckpt-convert --rename-map) can apply, not a "
+                                "layout", r.stmt.options[0].loc)
+            name = self._resolve_one(r, name, hit)
+
+    def _resolve_one(self, r: _Rename, name: str, hit: tuple[int, int, dict[str, Value]]) -> str:
+        start, end, caps = hit
+        if r.stmt.axis_var is not None:
+            caps[r.stmt.axis_var] = int(self.coords.get(r.stmt.axis or "", 0))
+        new = render(r.stmt.target, lambda n, loc, c=caps: self.scope.lookup(n, loc, c))
+        return name[:start] + new + name[end:]
 
     def with_coords(self, coords: Mapping[str, int]) -> CompiledSpec:
         """The same spec compiled for another rank."""
@@ -229,6 +271,12 @@ class CompiledSpec:
     def _compile_rename(self, st: ast.Rename) -> _Rename:
         m = compile_pattern(st.source)
         check_target(st.target)
+        for t in st.options:
+            if t.name not in RENAME_OPTIONS:
+                raise SpecError(f"unknown rename option {t.name!r} (known: "
+                                f"{', '.join(RENAME_OPTIONS)})", t.loc)
+            if t.args:
+                raise SpecError(f"{t.name} takes no arguments", t.args[0].loc)
         if st.axis is not None and st.axis not in AXES:
             raise SpecError(f"unknown parallel axis {st.axis!r} (axes: {', '.join(AXES)})",
                             st.loc)

@@ -34,7 +34,7 @@ var_decl: NAME ["=" expr]
 let_stmt: "let" NAME "=" expr
 include_stmt: "include" ":" PATH
 drop_stmt: "drop" ":" PATTERN ("," PATTERN)*
-rename_stmt: "rename" ":" PATTERN "->" target
+rename_stmt: "rename" ":" PATTERN "->" target (":" xform+)?
 stage_stmt: "stage" BRACED ":" PATTERN "->" target
 axis_stmt: "on" NAME BRACED ":" PATTERN "->" target
 target: PATTERN ["[" NAME "]"]
@@ -243,7 +243,7 @@ class _Build(Transformer):
     def rename_stmt(self, meta, c):
         src, (tgt, part, ploc) = self._pattern(c[0], source=True), c[1]
         return ast.Rename(src, tgt, None, None, part, ploc, self._mloc(meta),
-                          self._line_text(meta))
+                          self._line_text(meta), tuple(c[2:]))
 
     def stage_stmt(self, meta, c):
         return self._axis(meta, "pp", c[0], c[1], c[2])

@@ -1,6 +1,7 @@
 """Conversion targets of ``ckpt-convert`` (``--to``), in a registry.
 
-A new target (Megatron per-rank files for a target TP/PP layout) is a :class:`Target`
+A new target (like Megatron per-rank files for a target TP/PP layout, or DeepSpeed
+ZeRO files for a target DP size) is a :class:`Target`
 subclass registered in :data:`TARGETS`.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 from ckptd.converters.sources.base import FormatDetectionError
 from ckptd.converters.targets.base import Existing, Target, TargetLayout, TargetOptions
 from ckptd.converters.targets.dcp import DCPTarget
+from ckptd.converters.targets.deepspeed import DeepSpeedTarget
 from ckptd.converters.targets.hf import HFTarget
 from ckptd.converters.targets.megatron import MegatronTarget
 from ckptd.converters.targets.universal import UniversalTarget
@@ -18,6 +20,7 @@ TARGETS: dict[str, type[Target]] = {
     "hf": HFTarget,
     "dcp": DCPTarget,
     "megatron": MegatronTarget,
+    "deepspeed": DeepSpeedTarget,
 }
 ALIASES = {"safetensors": "hf", "huggingface": "hf", "torch-dcp": "dcp"}
 

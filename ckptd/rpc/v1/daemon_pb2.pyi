@@ -60,6 +60,37 @@ PEER_STATE_LOST: PeerState.ValueType  # 4
 """Has not answered for longer than `lost_after_s`."""
 Global___PeerState: _TypeAlias = PeerState  # noqa: Y015
 
+class _StepState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEP_STATE_UNSPECIFIED: _StepState.ValueType  # 0
+    STEP_STATE_STAGED: _StepState.ValueType  # 1
+    """Every local rank's snapshot is committed in this daemon's shared memory."""
+    STEP_STATE_PROTECTED: _StepState.ValueType  # 2
+    """Parity of this daemon's stripes is held by its erasure group (m > 0)."""
+    STEP_STATE_PERSISTED: _StepState.ValueType  # 3
+    """This daemon's chunks are durable in storage."""
+    STEP_STATE_COMMITTED: _StepState.ValueType  # 4
+    """The coordinator wrote the manifest and the commit marker."""
+    STEP_STATE_FAILED: _StepState.ValueType  # 5
+
+class StepState(_StepState, metaclass=_StepStateEnumTypeWrapper): ...
+
+STEP_STATE_UNSPECIFIED: StepState.ValueType  # 0
+STEP_STATE_STAGED: StepState.ValueType  # 1
+"""Every local rank's snapshot is committed in this daemon's shared memory."""
+STEP_STATE_PROTECTED: StepState.ValueType  # 2
+"""Parity of this daemon's stripes is held by its erasure group (m > 0)."""
+STEP_STATE_PERSISTED: StepState.ValueType  # 3
+"""This daemon's chunks are durable in storage."""
+STEP_STATE_COMMITTED: StepState.ValueType  # 4
+"""The coordinator wrote the manifest and the commit marker."""
+STEP_STATE_FAILED: StepState.ValueType  # 5
+Global___StepState: _TypeAlias = StepState  # noqa: Y015
+
 @_typing.final
 class PingRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -360,3 +391,482 @@ class HeartbeatResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class BeginSnapshotRequest(_message.Message):
+    """---------------------------------------------------------------- snapshots"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    rank: _builtins.int
+    step: _builtins.int
+    nbytes: _builtins.int
+    timeout_seconds: _builtins.float
+    """Seconds to wait for the buffer (backpressure) before RESOURCE_EXHAUSTED."""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        step: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "nbytes", b"nbytes", "rank", b"rank", "step", b"step", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginSnapshotRequest: _TypeAlias = BeginSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class BeginSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_JSON_FIELD_NUMBER: _builtins.int
+    lease_json: _builtins.str
+    """ckptd.daemon.shm.WriteLease as JSON."""
+    def __init__(
+        self,
+        *,
+        lease_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_json", b"lease_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginSnapshotResponse: _TypeAlias = BeginSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class CommitSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_JSON_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    rank: _builtins.int
+    step: _builtins.int
+    generation: _builtins.int
+    descriptor_json: _builtins.bytes
+    """ckptd.snapshot.SnapshotDescriptor as JSON."""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        step: _builtins.int = ...,
+        generation: _builtins.int = ...,
+        descriptor_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor_json", b"descriptor_json", "generation", b"generation", "job", b"job", "rank", b"rank", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitSnapshotRequest: _TypeAlias = CommitSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class CommitSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PAYLOAD_CRC32C_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    payload_crc32c: _builtins.int
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+        payload_crc32c: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "payload_crc32c", b"payload_crc32c"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitSnapshotResponse: _TypeAlias = CommitSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class RankSnapshot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_JSON_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    step: _builtins.int
+    generation: _builtins.int
+    nbytes: _builtins.int
+    node: _builtins.str
+    data_address: _builtins.str
+    """Data-channel address of the daemon holding it ("host:port" or "unix:/path")."""
+    descriptor_json: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        step: _builtins.int = ...,
+        generation: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+        node: _builtins.str = ...,
+        data_address: _builtins.str = ...,
+        descriptor_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "descriptor_json", b"descriptor_json", "generation", b"generation", "nbytes", b"nbytes", "node", b"node", "rank", b"rank", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankSnapshot: _TypeAlias = RankSnapshot  # noqa: Y015
+
+@_typing.final
+class StepStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    ERASURE_N_FIELD_NUMBER: _builtins.int
+    ERASURE_M_FIELD_NUMBER: _builtins.int
+    PROTECTED_FIELD_NUMBER: _builtins.int
+    PERSISTED_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    PERSIST_LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    node: _builtins.str
+    state: Global___StepState.ValueType
+    bytes: _builtins.int
+    erasure_n: _builtins.int
+    erasure_m: _builtins.int
+    protected: _builtins.bool
+    persisted: _builtins.bool
+    committed: _builtins.bool
+    error: _builtins.str
+    persist_lag_seconds: _builtins.float
+    """Seconds from the snapshot commit to persisted (0 while not persisted)."""
+    @_builtins.property
+    def ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ranks of this step held by `node`."""
+
+    @_builtins.property
+    def group(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Erasure group of `node` for this step, and its parameters."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        node: _builtins.str = ...,
+        state: Global___StepState.ValueType = ...,
+        ranks: _abc.Iterable[_builtins.int] | None = ...,
+        bytes: _builtins.int = ...,
+        group: _abc.Iterable[_builtins.str] | None = ...,
+        erasure_n: _builtins.int = ...,
+        erasure_m: _builtins.int = ...,
+        protected: _builtins.bool = ...,
+        persisted: _builtins.bool = ...,
+        committed: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        persist_lag_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "committed", b"committed", "erasure_m", b"erasure_m", "erasure_n", b"erasure_n", "error", b"error", "group", b"group", "node", b"node", "persist_lag_seconds", b"persist_lag_seconds", "persisted", b"persisted", "protected", b"protected", "ranks", b"ranks", "state", b"state", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepStatus: _TypeAlias = StepStatus  # noqa: Y015
+
+@_typing.final
+class LocalSnapshotsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalSnapshotsRequest: _TypeAlias = LocalSnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class LocalSnapshotsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    generation: _builtins.int
+    data_address: _builtins.str
+    memory_used_bytes: _builtins.int
+    memory_budget_bytes: _builtins.int
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankSnapshot]: ...
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepStatus]: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        data_address: _builtins.str = ...,
+        snapshots: _abc.Iterable[Global___RankSnapshot] | None = ...,
+        steps: _abc.Iterable[Global___StepStatus] | None = ...,
+        memory_used_bytes: _builtins.int = ...,
+        memory_budget_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "generation", b"generation", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "node", b"node", "snapshots", b"snapshots", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalSnapshotsResponse: _TypeAlias = LocalSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class JobStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStatusRequest: _TypeAlias = JobStatusRequest  # noqa: Y015
+
+@_typing.final
+class NodeView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    reachable: _builtins.bool
+    """False when the daemon did not answer (lost, or not started)."""
+    error: _builtins.str
+    @_builtins.property
+    def local(self) -> Global___LocalSnapshotsResponse: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        local: Global___LocalSnapshotsResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["local", b"local"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "local", b"local", "node", b"node", "reachable", b"reachable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeView: _TypeAlias = NodeView  # noqa: Y015
+
+@_typing.final
+class JobStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeView]: ...
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        nodes: _abc.Iterable[Global___NodeView] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStatusResponse: _TypeAlias = JobStatusResponse  # noqa: Y015
+
+@_typing.final
+class WaitStepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    step: _builtins.int
+    state: Global___StepState.ValueType
+    timeout_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        step: _builtins.int = ...,
+        state: Global___StepState.ValueType = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "state", b"state", "step", b"step", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitStepRequest: _TypeAlias = WaitStepRequest  # noqa: Y015
+
+@_typing.final
+class WaitStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    state: Global___StepState.ValueType
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        state: Global___StepState.ValueType = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitStepResponse: _TypeAlias = WaitStepResponse  # noqa: Y015
+
+@_typing.final
+class ReportPersistedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    RANK_REPORTS_JSON_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    step: _builtins.int
+    node: _builtins.str
+    @_builtins.property
+    def rank_reports_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """One JSON object per rank of `node`: {"rank", "status", "chunks", "rng", "objects",
+        "coords", "bytes"} (the same report the in-process pipeline gathers).
+        """
+
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        step: _builtins.int = ...,
+        node: _builtins.str = ...,
+        rank_reports_json: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "node", b"node", "rank_reports_json", b"rank_reports_json", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportPersistedRequest: _TypeAlias = ReportPersistedRequest  # noqa: Y015
+
+@_typing.final
+class ReportPersistedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportPersistedResponse: _TypeAlias = ReportPersistedResponse  # noqa: Y015
+
+@_typing.final
+class StepOutcomeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    step: _builtins.int
+    committed: _builtins.bool
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        step: _builtins.int = ...,
+        committed: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "error", b"error", "job", b"job", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepOutcomeRequest: _TypeAlias = StepOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class StepOutcomeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepOutcomeResponse: _TypeAlias = StepOutcomeResponse  # noqa: Y015

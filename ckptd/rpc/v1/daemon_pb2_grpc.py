@@ -45,6 +45,26 @@ class ControlStub:
                 request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.BeginSnapshot = channel.unary_unary(
+                '/ckptd.rpc.v1.Control/BeginSnapshot',
+                request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.BeginSnapshotRequest.SerializeToString,
+                response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.BeginSnapshotResponse.FromString,
+                _registered_method=True)
+        self.CommitSnapshot = channel.unary_unary(
+                '/ckptd.rpc.v1.Control/CommitSnapshot',
+                request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.CommitSnapshotRequest.SerializeToString,
+                response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.CommitSnapshotResponse.FromString,
+                _registered_method=True)
+        self.JobStatus = channel.unary_unary(
+                '/ckptd.rpc.v1.Control/JobStatus',
+                request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.JobStatusRequest.SerializeToString,
+                response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.JobStatusResponse.FromString,
+                _registered_method=True)
+        self.WaitStep = channel.unary_unary(
+                '/ckptd.rpc.v1.Control/WaitStep',
+                request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.WaitStepRequest.SerializeToString,
+                response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.WaitStepResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -65,6 +85,38 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginSnapshot(self, request, context):
+        """Snapshot path (trainer -> its node's daemon). BeginSnapshot hands out a write lease on
+        a shared-memory buffer; the trainer copies its tensors in and calls CommitSnapshot with
+        the descriptor (ckptd/snapshot.py); from then on the daemon owns the snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JobStatus(self, request, context):
+        """Per step of a job, over every daemon this one knows: where each rank's snapshot is and
+        how far each step got (staged, protected, persisted, committed). Used by ckpt.load
+        (memory tier), ckpt.wait and `ckpt status`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitStep(self, request, context):
+        """Blocks until `step` of `job` reaches `state` on every daemon involved, fails, or the
+        deadline passes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +129,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StatusRequest.FromString,
                     response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StatusResponse.SerializeToString,
+            ),
+            'BeginSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginSnapshot,
+                    request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.BeginSnapshotRequest.FromString,
+                    response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.BeginSnapshotResponse.SerializeToString,
+            ),
+            'CommitSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitSnapshot,
+                    request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.CommitSnapshotRequest.FromString,
+                    response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.CommitSnapshotResponse.SerializeToString,
+            ),
+            'JobStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.JobStatus,
+                    request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.JobStatusRequest.FromString,
+                    response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.JobStatusResponse.SerializeToString,
+            ),
+            'WaitStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitStep,
+                    request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.WaitStepRequest.FromString,
+                    response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.WaitStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +216,114 @@ class Control:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def BeginSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.rpc.v1.Control/BeginSnapshot',
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.BeginSnapshotRequest.SerializeToString,
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.BeginSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.rpc.v1.Control/CommitSnapshot',
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.CommitSnapshotRequest.SerializeToString,
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.CommitSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JobStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.rpc.v1.Control/JobStatus',
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.JobStatusRequest.SerializeToString,
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.JobStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.rpc.v1.Control/WaitStep',
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.WaitStepRequest.SerializeToString,
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.WaitStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class PeerStub:
     """Daemon-to-daemon membership.
@@ -160,6 +340,21 @@ class PeerStub:
                 request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.LocalSnapshots = channel.unary_unary(
+                '/ckptd.rpc.v1.Peer/LocalSnapshots',
+                request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.LocalSnapshotsRequest.SerializeToString,
+                response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.LocalSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.ReportPersisted = channel.unary_unary(
+                '/ckptd.rpc.v1.Peer/ReportPersisted',
+                request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.ReportPersistedRequest.SerializeToString,
+                response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.ReportPersistedResponse.FromString,
+                _registered_method=True)
+        self.StepOutcome = channel.unary_unary(
+                '/ckptd.rpc.v1.Peer/StepOutcome',
+                request_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StepOutcomeRequest.SerializeToString,
+                response_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StepOutcomeResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -173,6 +368,28 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LocalSnapshots(self, request, context):
+        """What this daemon holds of a job: its ranks' committed snapshots and their states.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportPersisted(self, request, context):
+        """A daemon tells the persistence coordinator (the daemon of rank 0) that its ranks'
+        chunks of a step are durable, or that they failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepOutcome(self, request, context):
+        """The coordinator tells every daemon of a step that it is committed (or failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +397,21 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.HeartbeatRequest.FromString,
                     response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'LocalSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocalSnapshots,
+                    request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.LocalSnapshotsRequest.FromString,
+                    response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.LocalSnapshotsResponse.SerializeToString,
+            ),
+            'ReportPersisted': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPersisted,
+                    request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.ReportPersistedRequest.FromString,
+                    response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.ReportPersistedResponse.SerializeToString,
+            ),
+            'StepOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepOutcome,
+                    request_deserializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StepOutcomeRequest.FromString,
+                    response_serializer=ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StepOutcomeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -210,6 +442,87 @@ class Peer:
             '/ckptd.rpc.v1.Peer/Heartbeat',
             ckptd_dot_rpc_dot_v1_dot_daemon__pb2.HeartbeatRequest.SerializeToString,
             ckptd_dot_rpc_dot_v1_dot_daemon__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocalSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.rpc.v1.Peer/LocalSnapshots',
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.LocalSnapshotsRequest.SerializeToString,
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.LocalSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPersisted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.rpc.v1.Peer/ReportPersisted',
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.ReportPersistedRequest.SerializeToString,
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.ReportPersistedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.rpc.v1.Peer/StepOutcome',
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StepOutcomeRequest.SerializeToString,
+            ckptd_dot_rpc_dot_v1_dot_daemon__pb2.StepOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

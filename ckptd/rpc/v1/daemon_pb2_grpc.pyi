@@ -49,6 +49,21 @@ class ControlStub:
     """Echoes `payload`; a cheap authenticated round trip (also exercises message size limits)."""
     Status: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.StatusRequest, _daemon_pb2.StatusResponse]
     """This daemon's view of itself, its configuration and its peers."""
+    BeginSnapshot: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.BeginSnapshotRequest, _daemon_pb2.BeginSnapshotResponse]
+    """Snapshot path (trainer -> its node's daemon). BeginSnapshot hands out a write lease on
+    a shared-memory buffer; the trainer copies its tensors in and calls CommitSnapshot with
+    the descriptor (ckptd/snapshot.py); from then on the daemon owns the snapshot.
+    """
+    CommitSnapshot: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.CommitSnapshotRequest, _daemon_pb2.CommitSnapshotResponse]
+    JobStatus: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.JobStatusRequest, _daemon_pb2.JobStatusResponse]
+    """Per step of a job, over every daemon this one knows: where each rank's snapshot is and
+    how far each step got (staged, protected, persisted, committed). Used by ckpt.load
+    (memory tier), ckpt.wait and `ckpt status`.
+    """
+    WaitStep: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.WaitStepRequest, _daemon_pb2.WaitStepResponse]
+    """Blocks until `step` of `job` reaches `state` on every daemon involved, fails, or the
+    deadline passes.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -59,6 +74,21 @@ class ControlAsyncStub(ControlStub):
     """Echoes `payload`; a cheap authenticated round trip (also exercises message size limits)."""
     Status: _aio.UnaryUnaryMultiCallable[_daemon_pb2.StatusRequest, _daemon_pb2.StatusResponse]  # type: ignore[assignment]
     """This daemon's view of itself, its configuration and its peers."""
+    BeginSnapshot: _aio.UnaryUnaryMultiCallable[_daemon_pb2.BeginSnapshotRequest, _daemon_pb2.BeginSnapshotResponse]  # type: ignore[assignment]
+    """Snapshot path (trainer -> its node's daemon). BeginSnapshot hands out a write lease on
+    a shared-memory buffer; the trainer copies its tensors in and calls CommitSnapshot with
+    the descriptor (ckptd/snapshot.py); from then on the daemon owns the snapshot.
+    """
+    CommitSnapshot: _aio.UnaryUnaryMultiCallable[_daemon_pb2.CommitSnapshotRequest, _daemon_pb2.CommitSnapshotResponse]  # type: ignore[assignment]
+    JobStatus: _aio.UnaryUnaryMultiCallable[_daemon_pb2.JobStatusRequest, _daemon_pb2.JobStatusResponse]  # type: ignore[assignment]
+    """Per step of a job, over every daemon this one knows: where each rank's snapshot is and
+    how far each step got (staged, protected, persisted, committed). Used by ckpt.load
+    (memory tier), ckpt.wait and `ckpt status`.
+    """
+    WaitStep: _aio.UnaryUnaryMultiCallable[_daemon_pb2.WaitStepRequest, _daemon_pb2.WaitStepResponse]  # type: ignore[assignment]
+    """Blocks until `step` of `job` reaches `state` on every daemon involved, fails, or the
+    deadline passes.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     """Local control plane of one daemon."""
@@ -79,6 +109,45 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_daemon_pb2.StatusResponse, _abc.Awaitable[_daemon_pb2.StatusResponse]]:
         """This daemon's view of itself, its configuration and its peers."""
 
+    @_abc_1.abstractmethod
+    def BeginSnapshot(
+        self,
+        request: _daemon_pb2.BeginSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.BeginSnapshotResponse, _abc.Awaitable[_daemon_pb2.BeginSnapshotResponse]]:
+        """Snapshot path (trainer -> its node's daemon). BeginSnapshot hands out a write lease on
+        a shared-memory buffer; the trainer copies its tensors in and calls CommitSnapshot with
+        the descriptor (ckptd/snapshot.py); from then on the daemon owns the snapshot.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitSnapshot(
+        self,
+        request: _daemon_pb2.CommitSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.CommitSnapshotResponse, _abc.Awaitable[_daemon_pb2.CommitSnapshotResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def JobStatus(
+        self,
+        request: _daemon_pb2.JobStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.JobStatusResponse, _abc.Awaitable[_daemon_pb2.JobStatusResponse]]:
+        """Per step of a job, over every daemon this one knows: where each rank's snapshot is and
+        how far each step got (staged, protected, persisted, committed). Used by ckpt.load
+        (memory tier), ckpt.wait and `ckpt status`.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitStep(
+        self,
+        request: _daemon_pb2.WaitStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.WaitStepResponse, _abc.Awaitable[_daemon_pb2.WaitStepResponse]]:
+        """Blocks until `step` of `job` reaches `state` on every daemon involved, fails, or the
+        deadline passes.
+        """
+
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class PeerStub:
@@ -90,6 +159,14 @@ class PeerStub:
     def __new__(cls, channel: _aio.Channel) -> PeerAsyncStub: ...
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.HeartbeatRequest, _daemon_pb2.HeartbeatResponse]
     """Liveness probe sent periodically by every daemon to every known peer."""
+    LocalSnapshots: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.LocalSnapshotsRequest, _daemon_pb2.LocalSnapshotsResponse]
+    """What this daemon holds of a job: its ranks' committed snapshots and their states."""
+    ReportPersisted: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.ReportPersistedRequest, _daemon_pb2.ReportPersistedResponse]
+    """A daemon tells the persistence coordinator (the daemon of rank 0) that its ranks'
+    chunks of a step are durable, or that they failed.
+    """
+    StepOutcome: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.StepOutcomeRequest, _daemon_pb2.StepOutcomeResponse]
+    """The coordinator tells every daemon of a step that it is committed (or failed)."""
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -98,6 +175,14 @@ class PeerAsyncStub(PeerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Heartbeat: _aio.UnaryUnaryMultiCallable[_daemon_pb2.HeartbeatRequest, _daemon_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Liveness probe sent periodically by every daemon to every known peer."""
+    LocalSnapshots: _aio.UnaryUnaryMultiCallable[_daemon_pb2.LocalSnapshotsRequest, _daemon_pb2.LocalSnapshotsResponse]  # type: ignore[assignment]
+    """What this daemon holds of a job: its ranks' committed snapshots and their states."""
+    ReportPersisted: _aio.UnaryUnaryMultiCallable[_daemon_pb2.ReportPersistedRequest, _daemon_pb2.ReportPersistedResponse]  # type: ignore[assignment]
+    """A daemon tells the persistence coordinator (the daemon of rank 0) that its ranks'
+    chunks of a step are durable, or that they failed.
+    """
+    StepOutcome: _aio.UnaryUnaryMultiCallable[_daemon_pb2.StepOutcomeRequest, _daemon_pb2.StepOutcomeResponse]  # type: ignore[assignment]
+    """The coordinator tells every daemon of a step that it is committed (or failed)."""
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     """Daemon-to-daemon membership."""
@@ -109,5 +194,31 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_daemon_pb2.HeartbeatResponse, _abc.Awaitable[_daemon_pb2.HeartbeatResponse]]:
         """Liveness probe sent periodically by every daemon to every known peer."""
+
+    @_abc_1.abstractmethod
+    def LocalSnapshots(
+        self,
+        request: _daemon_pb2.LocalSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.LocalSnapshotsResponse, _abc.Awaitable[_daemon_pb2.LocalSnapshotsResponse]]:
+        """What this daemon holds of a job: its ranks' committed snapshots and their states."""
+
+    @_abc_1.abstractmethod
+    def ReportPersisted(
+        self,
+        request: _daemon_pb2.ReportPersistedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.ReportPersistedResponse, _abc.Awaitable[_daemon_pb2.ReportPersistedResponse]]:
+        """A daemon tells the persistence coordinator (the daemon of rank 0) that its ranks'
+        chunks of a step are durable, or that they failed.
+        """
+
+    @_abc_1.abstractmethod
+    def StepOutcome(
+        self,
+        request: _daemon_pb2.StepOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.StepOutcomeResponse, _abc.Awaitable[_daemon_pb2.StepOutcomeResponse]]:
+        """The coordinator tells every daemon of a step that it is committed (or failed)."""
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

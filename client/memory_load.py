@@ -1,0 +1,175 @@
+"""Loading from the memory tier: the daemons' snapshots instead of storage.
+
+A step is loadable from memory when, for every rank of the save, some reachable daemon
+holds that rank's committed snapshot of the step (or, once erasure protection holds it,
+can rebuild it). The planner maps this rank's pieces onto the saved pieces (whatever
+the new layout: :func:`ckptd.planner.build_piece_load_plan`), and the bytes come over
+the data channel from the daemon holding each piece: the local one through its unix
+socket, peers over TCP. Only the rows of a saved piece that a target region touches
+are fetched, in slices of at most ``FETCH_BYTES``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt.daemon_client import DaemonClient
+from ckptd.dtypes import torch_dtype
+from ckptd.execute import apply_copy
+from ckptd.formats.manifest import Manifest, TensorRecord
+from ckptd.fragments import Box, TensorMeta, _box
+from ckptd.planner import ChunkRead, CopyOp, LoadPlan, build_piece_load_plan
+from ckptd.rpc.v1 import daemon_pb2 as pb
+from ckptd.snapshot import PayloadPiece, SnapshotDescriptor
+
+log = logging.getLogger("ckpt.load")
+FETCH_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class HeldSnapshot:
+    """Where one rank's snapshot of a step is held and how to fetch it."""
+
+    desc: SnapshotDescriptor
+    node: str
+    generation: int
+    data_address: str
+
+    @property
+    def key(self) -> str:
+        return f"snap/{self.desc.job}/{self.desc.rank}/{self.generation}"
+
+
+@dataclass(frozen=True)
+class MemoryStep:
+    """Every rank's snapshot of one step, as found in the daemons."""
+
+    job: str
+    step: int
+    world: int
+    held: dict[int, HeldSnapshot]
+
+    def manifest(self) -> Manifest:
+        """A manifest-shaped view (metas, rng, trainer state) for the shared load code."""
+        from ckpt.saver import _split_objects as split_objects  # TODO move
+
+        descs = [self.held[r].desc for r in range(self.world)]
+        metas = descs[0].metas
+        tensors = {
+            n: TensorRecord(n, m.dtype, m.shape, m.shape, "raw", 0, False, ())
+            for n, m in metas.items()
+        }
+        gathered = [{"objects": d.objects, "coords": d.coords, "rng": d.rng} for d in descs]
+        state, per_rank = split_objects(gathered)
+        layout = {"world_size": self.world, "coords": [d.coords for d in descs],
+                  "digest": descs[0].layouts_digest}
+        rng = {d.coords: d.rng for d in descs if d.rng}
+        return Manifest(step=self.step, tensors=tensors, layout=layout, rng=rng, state=state,
+                        per_rank_state=per_rank)
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return dict(self.held[0].desc.metas)
+
+
+def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
+    """Steps whose every rank is held by a reachable daemon (newest snapshots only)."""
+    found: dict[int, dict[int, HeldSnapshot]] = {}
+    worlds: dict[int, int] = {}
+    for view in status.nodes:
+        if not view.reachable:
+            continue
+        for s in view.local.snapshots:
+            try:
+                desc = SnapshotDescriptor.loads(s.descriptor_json)
+            except Exception as e:  # a bad descriptor is not loadable; never guessed at
+                log.warning("ignoring snapshot of rank %d on %s: %s", s.rank, s.node, e)
+                continue
+            address = s.data_address or view.local.data_address
+            found.setdefault(desc.step, {})[desc.rank] = HeldSnapshot(
+                desc, s.node, s.generation, address)
+            worlds.setdefault(desc.step, desc.world)
+    out = {}
+    for step, held in found.items():
+        world = worlds[step]
+        if all(r in held for r in range(world)):
+            out[step] = MemoryStep(held[0].desc.job, step, world, held)
+    return out
+
+
+def plan_memory_load(layout: Any, mem: MemoryStep) -> LoadPlan:
+    """This rank's reads from the saved pieces (pure)."""
+    stored: dict[str, list[tuple[tuple[int, ...], Box]]] = {}
+    for r in range(mem.world):
+        for i, p in enumerate(mem.held[r].desc.pieces):
+            stored.setdefault(p.name, []).append(((r, i), p.global_box))
+    return build_piece_load_plan(layout, mem.metas(), stored)
+
+
+def read_piece_rows(
+    client: DaemonClient, held: HeldSnapshot, piece: PayloadPiece, rows: tuple[int, int],
+    local_address: str | None,
+) -> torch.Tensor:
+    """Rows ``[a, b)`` (dim 0) of a saved piece as a tensor of the piece's dtype."""
+    dt = torch_dtype(piece.dtype)
+    lengths = piece.global_box.lengths
+    row_elems = math.prod(lengths[1:]) if lengths else 1
+    a, b = rows if lengths else (0, 1)
+    start = piece.offset + a * row_elems * dt.itemsize
+    nbytes = (b - a) * row_elems * dt.itemsize
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        address = local_address if (local_address and held.node == client.node) else (
+            held.data_address)
+        client.data(address).get_range(held.key, start, start + nbytes,
+                                       out=memoryview(buf.numpy()))
+    shape = (b - a, *lengths[1:]) if lengths else ()
+    return buf.view(dt).view(shape)
+
+
+def execute_read(
+    client: DaemonClient, mem: MemoryStep, read: ChunkRead, locals_: Mapping[str, torch.Tensor],
+    local_address: str | None,
+) -> int:
+    """Fetch the rows of one saved piece the copies need and scatter them; bytes fetched."""
+    rank, idx = read.index
+    held = mem.held[rank]
+    piece = held.desc.pieces[idx]
+    lengths = piece.global_box.lengths
+    if not lengths:  # a scalar: one element, no rows
+        t = read_piece_rows(client, held, piece, (0, 1), local_address)
+        for op in read.copies:
+            apply_copy(op, t, locals_)
+        return t.numel() * t.element_size()
+    row_bytes = math.prod(lengths[1:]) * torch_dtype(piece.dtype).itemsize
+    step_rows = max(1, FETCH_BYTES // max(1, row_bytes))
+    lo = min(op.chunk_region.offsets[0] for op in read.copies)
+    hi = max(op.chunk_region.offsets[0] + op.chunk_region.lengths[0] for op in read.copies)
+    total = 0
+    for a in range(lo, hi, step_rows):
+        b = min(hi, a + step_rows)
+        rows = read_piece_rows(client, held, piece, (a, b), local_address)
+        total += rows.numel() * rows.element_size()
+        for op in read.copies:
+            part = _rows_part(op, a, b)
+            if part is not None:
+                apply_copy(part, rows, locals_)
+    return total
+
+
+def _rows_part(op: CopyOp, a: int, b: int) -> CopyOp | None:
+    """The part of ``op`` inside rows ``[a, b)`` of the piece, relative to row ``a``."""
+    c0, n0 = op.chunk_region.offsets[0], op.chunk_region.lengths[0]
+    lo, hi = max(a, c0), min(b, c0 + n0)
+    if lo >= hi:
+        return None
+    chunk_region = _box((lo - a, *op.chunk_region.offsets[1:]),
+                        (hi - lo, *op.chunk_region.lengths[1:]))
+    p0 = op.piece_region.offsets[0] + (lo - c0)
+    piece_region = _box((p0, *op.piece_region.offsets[1:]), (hi - lo, *op.piece_region.lengths[1:]))
+    return CopyOp(op.key, op.piece, chunk_region, piece_region)

@@ -1,0 +1,176 @@
+"""Saves through real ``ckptd`` daemons and loads from their memory.
+
+Real daemon processes on 127.0.0.1 (two "nodes"), real trainer processes in a gloo
+group that are SIGKILLed after saving, restores under another layout from the daemons'
+shared memory, daemon restarts with re-adoption, memory-budget errors. Storage is never
+written here (no persistence root is reachable), so a successful load can only have come
+from memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from daemon_harness import TOKEN, Node, clean_env, free_port, make_nodes, wait_until
+from mp_harness import Proc, run
+from test_multiproc_layouts import _zero_canonical, _zero_load
+
+import ckpt
+from ckptd.errors import StagingBudgetError
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+TRAINER = str(Path(__file__).with_name("daemon_trainer.py"))
+STEP = 11
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    """Two running daemons that know each other (erasure off: m = 0)."""
+    base = Path(tempfile.mkdtemp(prefix="cks-", dir="/tmp"))
+    cluster = make_nodes(base, 2, erasure={"n": 2, "m": 0})
+    for n in cluster:
+        n.config["persistence"] = {"root_url": None}
+        n.config["data"] = {"port": 0}
+    try:
+        for n in cluster:
+            n.start()
+        for n in cluster:
+            n.wait_ready()
+        yield cluster
+    finally:
+        for n in cluster:
+            n.stop()
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _save_with_trainers(cluster: list[Node], world: int, root: str, stage: int = 1) -> None:
+    """``world`` trainer processes (rank r on node r * len(cluster) // world) save, then
+    are SIGKILLed once the daemons hold their snapshots."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        node = cluster[rank * len(cluster) // world]
+        env = clean_env(CKPTD_SOCKET=node.socket_path, CKPTD_JOB_TOKEN=TOKEN)
+        procs.append(subprocess.Popen(
+            [sys.executable, TRAINER, str(rank), str(world), str(port), root, str(STEP),
+             str(stage)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env))
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            line = b""
+            for _ in range(200):  # bounded: the trainer prints a handful of lines
+                line = p.stdout.readline()
+                if not line or line.startswith(b"SAVED"):
+                    break
+            assert line.startswith(b"SAVED"), f"trainer did not save: {line!r}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)  # the crash
+            p.wait(30)
+            if p.stdout is not None:
+                p.stdout.close()
+
+
+def _load_via(rank: int, world: int, root: str, sockets: list[str], stage: int) -> None:
+    ckpt.configure(daemon_socket=sockets[rank % len(sockets)], daemon_token=TOKEN)
+    _zero_load(rank, world, root, stage)
+
+
+def _canonical_via(root: str, socket_path: str, stage: int) -> None:
+    ckpt.configure(daemon_socket=socket_path, daemon_token=TOKEN)
+    _zero_canonical(root, stage)
+
+
+def _restore_body(p: Proc, root: str, sockets: list[str], stage: int) -> None:
+    p.phase(2, _load_via, root, sockets, stage)  # DP 4 -> DP 2, one rank per node
+    p.solo(_canonical_via, root, sockets[1], stage)  # one process, canonical tensors
+
+
+def test_trainer_crash_then_restore_other_layout_from_memory(nodes: list[Node]) -> None:
+    root = str(Path(nodes[0].root).parent / "never-written")
+    _save_with_trainers(nodes, 4, root)
+    assert not os.path.exists(root)  # nothing reached storage: memory is the only source
+    sockets = [n.socket_path for n in nodes]
+    run(_restore_body, 2, (root, sockets, 1), timeout=120)
+
+
+def test_daemon_restart_readopts_snapshots(nodes: list[Node]) -> None:
+    root = str(Path(nodes[0].root).parent / "never-written")
+    _save_with_trainers(nodes, 4, root, stage=3)
+    for n in nodes:  # one clean stop, one SIGKILL: both must keep the snapshots
+        if n is nodes[0]:
+            n.stop()
+        else:
+            assert n.proc is not None
+            os.kill(n.proc.pid, signal.SIGKILL)
+            n.proc.wait(10)
+            n.log_file.close()
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_ready()
+    assert "adopted snapshots" in nodes[1].stderr()
+    run(_restore_body, 2, (root, [n.socket_path for n in nodes], 3), timeout=120)
+
+
+def _budget(socket_path: str, root: str) -> None:
+    ckpt.configure(daemon_socket=socket_path, daemon_token=TOKEN, daemon_wait="staged")
+    small = {"w": torch.arange(1000, dtype=torch.float32)}
+    ckpt.save(small, 1, root)
+    big = {"w": torch.zeros(3 << 20, dtype=torch.float32)}  # 12 MiB > the 8 MiB budget
+    with pytest.raises(StagingBudgetError, match="budget"):
+        ckpt.save(big, 2, root)
+    got = {"w": torch.zeros(1000)}
+    res = ckpt.load(got, root)
+    assert res.source == "memory" and res.step == 1
+    assert torch.equal(got["w"], small["w"])
+
+
+def test_memory_budget_exceeded_is_a_clear_error_and_keeps_the_last_snapshot() -> None:
+    base = Path(tempfile.mkdtemp(prefix="ckb-", dir="/tmp"))
+    (node,) = make_nodes(base, 1, erasure={"n": 1, "m": 0})
+    node.config["memory"]["budget_bytes"] = "8MiB"
+    node.config["persistence"] = {"root_url": None}
+    node.config["data"] = {"port": 0}
+    try:
+        node.start()
+        node.wait_ready()
+        run(lambda_free_solo, 1, (node.socket_path, str(base / "ckpt")), timeout=60)
+    finally:
+        node.stop()
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def lambda_free_solo(p: Proc, socket_path: str, root: str) -> None:
+    p.solo(_budget, socket_path, root)
+
+
+def test_wait_until_and_status_name_every_rank(nodes: list[Node]) -> None:
+    root = str(Path(nodes[0].root).parent / "never-written")
+    _save_with_trainers(nodes, 4, root)
+    from ckpt.daemon_client import DaemonClient, job_id_for
+
+    client = DaemonClient(nodes[0].socket_path, TOKEN)
+    try:
+        status = wait_until(lambda: client.job_status(job_id_for(root)), 10, "job status")
+        held = {s.rank: v.node for v in status.nodes for s in v.local.snapshots}
+        assert held == {0: "node-0", 1: "node-0", 2: "node-1", 3: "node-1"}
+        steps = {(v.node, st.step): st for v in status.nodes for st in v.local.steps}
+        assert set(steps) == {("node-0", STEP), ("node-1", STEP)}
+        assert all(st.bytes > 0 and list(st.ranks) for st in steps.values())
+    finally:
+        client.close()
