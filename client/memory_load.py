@@ -23,6 +23,7 @@ from ckpt.daemon_client import DaemonClient
 from ckptd.dtypes import torch_dtype
 from ckptd.execute import apply_copy
 from ckptd.formats.manifest import Manifest, TensorRecord
+from ckptd.formats.manifest_build import split_objects
 from ckptd.fragments import Box, TensorMeta, _box
 from ckptd.planner import ChunkRead, CopyOp, LoadPlan, build_piece_load_plan
 from ckptd.rpc.v1 import daemon_pb2 as pb
@@ -40,10 +41,12 @@ class HeldSnapshot:
     node: str
     generation: int
     data_address: str
+    rebuilt_key: str = ""  # lost/{job}/{step}/{node}: served rebuilt by a survivor
+    offset: int = 0  # of this rank's payload inside ``rebuilt_key``
 
     @property
     def key(self) -> str:
-        return f"snap/{self.desc.job}/{self.desc.rank}/{self.generation}"
+        return self.rebuilt_key or f"snap/{self.desc.job}/{self.desc.rank}/{self.generation}"
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,6 @@ class MemoryStep:
 
     def manifest(self) -> Manifest:
         """A manifest-shaped view (metas, rng, trainer state) for the shared load code."""
-        from ckpt.saver import _split_objects as split_objects  # TODO move
-
         descs = [self.held[r].desc for r in range(self.world)]
         metas = descs[0].metas
         tensors = {
@@ -78,7 +79,8 @@ class MemoryStep:
 
 
 def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
-    """Steps whose every rank is held by a reachable daemon (newest snapshots only)."""
+    """Steps whose every rank is held by a reachable daemon, directly or rebuildable from
+    its erasure group (a direct copy always wins over a rebuild)."""
     found: dict[int, dict[int, HeldSnapshot]] = {}
     worlds: dict[int, int] = {}
     for view in status.nodes:
@@ -91,14 +93,21 @@ def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
                 log.warning("ignoring snapshot of rank %d on %s: %s", s.rank, s.node, e)
                 continue
             address = s.data_address or view.local.data_address
-            found.setdefault(desc.step, {})[desc.rank] = HeldSnapshot(
-                desc, s.node, s.generation, address)
+            held = HeldSnapshot(desc, s.node, s.generation, address, s.key, s.offset)
+            have = found.setdefault(desc.step, {}).get(desc.rank)
+            if have is None or (have.rebuilt_key and not held.rebuilt_key):
+                found[desc.step][desc.rank] = held
             worlds.setdefault(desc.step, desc.world)
     out = {}
-    for step, held in found.items():
+    for step, held_by_rank in found.items():
         world = worlds[step]
-        if all(r in held for r in range(world)):
-            out[step] = MemoryStep(held[0].desc.job, step, world, held)
+        missing = [r for r in range(world) if r not in held_by_rank]
+        if not missing:
+            out[step] = MemoryStep(held_by_rank[0].desc.job, step, world, held_by_rank)
+        else:
+            log.warning(
+                "step %d is not loadable from memory: ranks %s are neither held by a reachable "
+                "daemon nor rebuildable from their erasure group", step, missing[:16])
     return out
 
 
@@ -120,7 +129,7 @@ def read_piece_rows(
     lengths = piece.global_box.lengths
     row_elems = math.prod(lengths[1:]) if lengths else 1
     a, b = rows if lengths else (0, 1)
-    start = piece.offset + a * row_elems * dt.itemsize
+    start = held.offset + piece.offset + a * row_elems * dt.itemsize
     nbytes = (b - a) * row_elems * dt.itemsize
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:

@@ -27,8 +27,9 @@ from ckptd.dtypes import torch_dtype
 from ckptd.errors import CkptError, CommitConflictError, InvalidKeyError, SaveFailedError
 from ckptd.execute import ChunkRecipe, assemble_chunk, chunk_recipes, piece_view, transfer_payload
 from ckptd.formats import commit as commit_mod
-from ckptd.formats.chunkcodec import CodecPolicy, crc32c, sample_sizes
-from ckptd.formats.manifest import ChunkRecord, Manifest, TensorRecord, group_metadata_bytes
+from ckptd.formats.chunkcodec import CodecPolicy, sample_sizes
+from ckptd.formats.manifest import ChunkRecord, TensorRecord
+from ckptd.formats.manifest_build import build_manifest, commit_manifest, layouts_digest
 from ckptd.formats.retention import BackgroundGC
 from ckptd.formats.storage import Storage
 from ckptd.formats.writer import CheckpointWriter, is_packed
@@ -37,8 +38,8 @@ from ckptd.layout import Layout, build_rank_layout, local_tensor
 from ckptd.planner import RankSavePlan, SavePlan, build_save_plan
 from ckptd.rng import capture_rng
 from ckptd.rpc.v1 import daemon_pb2 as pb
-from ckptd.snapshot import PayloadPiece, SnapshotDescriptor, payload_nbytes, payload_pieces
-from ckptd.statedict import FlatState, flatten_state, json_dumps
+from ckptd.snapshot import PayloadPiece, build_descriptor, payload_nbytes, payload_pieces
+from ckptd.statedict import FlatState, flatten_state
 
 log = logging.getLogger("ckpt.save")
 
@@ -245,16 +246,9 @@ class Saver:
         key = (id(entry), nodes, root, job)
         hit = self._descriptors.get(key)
         if hit is None:
-            rp = entry.rank_plan
-            names = {c.name for c in rp.chunks} | set(entry.meta_owned)
-            desc = SnapshotDescriptor(
-                job=job, step=0, rank=self.ctx.rank, world=self.ctx.world, nodes=nodes,
-                root=root, pieces=tuple(entry.payload), plan=rp,
-                records={n: entry.records[n] for n in sorted(names)},
-                meta_owned=entry.meta_owned,
-                metas={n: tp.meta for n, tp in entry.plan.tensors.items()},
-                rng={}, objects={}, coords=coords,
-                layouts_digest=_layouts_digest(entry.layouts),
+            desc = build_descriptor(
+                entry.plan, self.ctx.rank, entry.layouts, entry.records, job=job, step=0,
+                nodes=nodes, root=root, digest=layouts_digest(entry.layouts),
             )
             hit = desc.to_json()
             self._descriptors = {key: hit}  # one plan at a time, like the plan cache
@@ -367,6 +361,7 @@ class Saver:
             "rng": job.rng,
             "objects": job.objects,
             "coords": job.coords_key,
+            "rank": self.ctx.rank,
             "bytes": written,
         }
         try:
@@ -428,12 +423,10 @@ class Saver:
         total = sum(int(g["bytes"]) for g in gathered)
         if not failures:
             try:
-                manifest = _manifest(job, gathered)
-                data = group_metadata_bytes(manifest)
-                key = f"{commit_mod.step_dir(job.step)}/zarr.json"
-                job.storage.put(key, data)
-                commit_mod.commit(job.storage, job.step, {"manifest_crc32c": crc32c(data)})
-                total += len(data)
+                manifest = build_manifest(
+                    job.step, job.entry.records, gathered, layouts_digest(job.entry.layouts)
+                )
+                total += commit_manifest(job.storage, manifest)
             except BaseException as e:
                 failures[0] = describe(e)
         if failures:
@@ -517,47 +510,6 @@ def _compressibility(
     return out
 
 
-def _manifest(job: _Job, gathered: list[dict[str, Any]]) -> Manifest:
-    entry = job.entry
-    chunks: dict[str, list[ChunkRecord]] = {n: [] for n in entry.records}
-    for g in gathered:
-        for name, c in g["chunks"]:
-            chunks[name].append(ChunkRecord.from_json(c))
-    tensors = {}
-    for name, rec in entry.records.items():
-        cs = tuple(sorted(chunks[name], key=lambda c: c.index))
-        # The codec actually used is the one of the saving config (same on every rank).
-        tensors[name] = TensorRecord(
-            rec.name, rec.dtype, rec.shape, rec.chunk_shape, rec.codec, rec.level, rec.packed, cs
-        )
-    rng = {g["coords"]: g["rng"] for g in gathered if g["rng"]}
-    state, per_rank = _split_objects(gathered)
-    layout = {
-        "world_size": len(gathered),
-        "coords": [g["coords"] for g in gathered],
-        "digest": _layouts_digest(entry.layouts),
-    }
-    return Manifest(
-        step=job.step, tensors=tensors, layout=layout, rng=rng, state=state, per_rank_state=per_rank
-    )
-
-
-def _split_objects(
-    gathered: list[dict[str, Any]],
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """JSON leaves equal on every rank are stored once; others per rank coordinates."""
-    keys = sorted({k for g in gathered for k in g["objects"]})
-    state, per_rank = {}, {}
-    for k in keys:
-        vals = [g["objects"].get(k, _ABSENT) for g in gathered]
-        if all(v is not _ABSENT for v in vals) and len({json_dumps(v) for v in vals}) == 1:
-            state[k] = vals[0]
-        else:
-            per_rank[k] = {g["coords"]: v for g, v in zip(gathered, vals) if v is not _ABSENT}
-    return state, per_rank
-
-
-_ABSENT = object()
 _WAIT_STATES = {
     "staged": pb.STEP_STATE_STAGED,
     "protected": pb.STEP_STATE_PROTECTED,
@@ -569,12 +521,3 @@ _STATE_RANK = {
     pb.STEP_STATE_PERSISTED: 3,
     pb.STEP_STATE_COMMITTED: 4,
 }
-
-
-def _layouts_digest(layouts: tuple[RankLayout, ...]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for lay in layouts:
-        h.update(lay.digest().encode())
-    return h.hexdigest()

@@ -40,9 +40,11 @@ from ckptd.daemon.auth import (
     prepare_socket_path,
 )
 from ckptd.daemon.config import DaemonConfig
+from ckptd.daemon.group import GroupProtector
 from ckptd.daemon.handlers import ControlSnapshots, PeerSnapshots, query_peers
 from ckptd.daemon.logs import get_logger
 from ckptd.daemon.metrics import DaemonMetrics
+from ckptd.daemon.pipeline import StepPipeline, TransferSource
 from ckptd.daemon.service import DaemonBlobs, SnapshotService
 from ckptd.daemon.transport import DataServer
 from ckptd.rpc.v1 import daemon_pb2 as pb
@@ -110,6 +112,7 @@ class PeerInfo:
     rtt: float = 0.0
     failures: int = 0
     is_self: bool = False
+    data_address: str = ""  # the peer's data channel, from its heartbeat answers
 
 
 class Membership:
@@ -158,6 +161,10 @@ class Membership:
             rtt_seconds=p.rtt, consecutive_failures=p.failures, source=p.source)
             for p in sorted(self.peers.values(), key=lambda p: (p.name, p.address))
             if not p.is_self]
+
+    def peer_named(self, node: str) -> PeerInfo | None:
+        """The peer that answered with name ``node`` (None if none did)."""
+        return next((p for p in self.peers.values() if p.name == node and not p.is_self), None)
 
     def groups(self) -> tuple[list[list[str]], int]:
         """Erasure groups over every known node name (lost ones included: their data is
@@ -217,6 +224,7 @@ class Membership:
         if peer.generation and reply.generation != peer.generation:
             log.info("peer restarted", peer=reply.node, generation=reply.generation)
         peer.name, peer.generation, peer.rtt = reply.node, reply.generation, rtt
+        peer.data_address = reply.data_address
         peer.last_seen, peer.failures = time.monotonic(), 0
         self._transition(peer, "alive")
 
@@ -312,7 +320,8 @@ class PeerServicer(PeerSnapshots, pb_grpc.PeerServicer):
         """Answer with our name and generation."""
         d = self._daemon
         return pb.HeartbeatResponse(node=d.config.node_name, generation=d.generation,
-                                    received_unix_nanos=time.time_ns())
+                                    received_unix_nanos=time.time_ns(),
+                                    data_address=d.data_address)
 
 
 ServiceAdder = Callable[[grpc.aio.Server], None]
@@ -358,6 +367,12 @@ class Daemon:
         """
         cfg = self.config
         prepare_socket_path(cfg.socket_path)
+        self.pipeline = StepPipeline(self, asyncio.get_running_loop())
+        self.snapshots.on_staged.append(self.pipeline.on_staged)
+        self.blobs.route("xfer", TransferSource(self))
+        self._persist_reports = self.pipeline.coordinator.collect
+        self.protector = GroupProtector(self)
+        self.pipeline.protect = self.protector.protect
         self.snapshots.adopt()  # before any listener: no lease can race the adoption
         self.refresh_memory()
         try:
@@ -409,6 +424,9 @@ class Daemon:
         await self.membership.stop()
         await self._close_servers(grace)
         self._close_data_servers()
+        protector = getattr(self, "protector", None)
+        if protector is not None:
+            protector.close()
         self.snapshots.close()
         self.metrics.close()
         with contextlib.suppress(FileNotFoundError):
@@ -444,11 +462,17 @@ class Daemon:
         self.metrics.set_memory(budget_bytes=self.config.memory_budget_bytes,
                                 used_bytes=self.memory_used)
 
-    def local_snapshots(self, job: str) -> pb.LocalSnapshotsResponse:
-        """What this daemon holds of ``job`` (the ``Peer.LocalSnapshots`` answer)."""
+    def local_snapshots(self, job: str, include_lost: bool = True) -> pb.LocalSnapshotsResponse:
+        """What this daemon holds of ``job`` (the ``Peer.LocalSnapshots`` answer): its own
+        ranks' snapshots and, with ``include_lost``, the ranks of unreachable group members
+        it can serve rebuilt."""
         cfg = self.config
-        return self.snapshots.local_snapshots(job, self.data_address, self.generation,
-                                              cfg.erasure_n, cfg.erasure_m)
+        reply = self.snapshots.local_snapshots(job, self.data_address, self.generation,
+                                               cfg.erasure_n, cfg.erasure_m)
+        protector = getattr(self, "protector", None)
+        if include_lost and protector is not None:
+            reply.snapshots.extend(protector.lost_snapshots(job))
+        return reply
 
     async def job_status(self, job: str) -> pb.JobStatusResponse:
         """This daemon's view of ``job`` and every reachable peer's."""

@@ -70,6 +70,8 @@ class StepProgress:
     committed_to_storage: bool = False
     error: str = ""
     group: tuple[str, ...] = ()
+    parity_held: bool = False
+    protection_error: str = ""
 
     @property
     def staged(self) -> bool:
@@ -96,7 +98,8 @@ class StepProgress:
             step=self.step, node=node, state=self.state(), ranks=sorted(self.ranks),
             bytes=self.bytes, group=list(self.group), erasure_n=n, erasure_m=m,
             protected=self.protected, persisted=self.persisted,
-            committed=self.committed_to_storage, error=self.error, persist_lag_seconds=lag)
+            committed=self.committed_to_storage, error=self.error, persist_lag_seconds=lag,
+            parity_held=self.parity_held)
 
 
 class JobState:
@@ -301,6 +304,8 @@ class SnapshotService:
                     s = prog.state()
                     if s == pb.STEP_STATE_FAILED or STATE_ORDER.get(s, 0) >= STATE_ORDER[target]:
                         return s, prog.error
+                    if target == pb.STEP_STATE_PROTECTED and prog.protection_error:
+                        return pb.STEP_STATE_FAILED, prog.protection_error
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return (prog.state() if prog else pb.STEP_STATE_UNSPECIFIED), ""

@@ -54,26 +54,31 @@ def nodes() -> Iterator[list[Node]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _save_with_trainers(cluster: list[Node], world: int, root: str, stage: int = 1) -> None:
+def _save_with_trainers(cluster: list[Node], world: int, root: str, stage: int = 1,
+                        wait: str = "staged") -> None:
     """``world`` trainer processes (rank r on node r * len(cluster) // world) save, then
     are SIGKILLed once the daemons hold their snapshots."""
     port = free_port()
     procs = []
     for rank in range(world):
         node = cluster[rank * len(cluster) // world]
-        env = clean_env(CKPTD_SOCKET=node.socket_path, CKPTD_JOB_TOKEN=TOKEN)
+        env = clean_env(CKPTD_SOCKET=node.socket_path, CKPTD_JOB_TOKEN=TOKEN,
+                        CKPT_DAEMON_WAIT=wait)
         procs.append(subprocess.Popen(
             [sys.executable, TRAINER, str(rank), str(world), str(port), root, str(STEP),
              str(stage)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env))
     try:
         for p in procs:
             assert p.stdout is not None
-            line = b""
+            line, seen = b"", []
             for _ in range(200):  # bounded: the trainer prints a handful of lines
                 line = p.stdout.readline()
+                seen.append(line)
                 if not line or line.startswith(b"SAVED"):
                     break
-            assert line.startswith(b"SAVED"), f"trainer did not save: {line!r}"
+            assert line.startswith(b"SAVED"), (
+                f"trainer did not save: {b''.join(seen).decode(errors='replace')[-3000:]}\n"
+                + "\n".join(f"--- {n.name}:\n{n.stderr()[-3000:]}" for n in cluster))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -86,6 +91,15 @@ def _save_with_trainers(cluster: list[Node], world: int, root: str, stage: int =
 def _load_via(rank: int, world: int, root: str, sockets: list[str], stage: int) -> None:
     ckpt.configure(daemon_socket=sockets[rank % len(sockets)], daemon_token=TOKEN)
     _zero_load(rank, world, root, stage)
+
+
+def _load_storage(rank: int, world: int, root: str, stage: int) -> None:
+    ckpt.configure(daemon_socket=None)  # no daemon at all: storage is the only source
+    _zero_load(rank, world, root, stage)
+
+
+def _storage_body(p: Proc, root: str, stage: int) -> None:
+    p.phase(3, _load_storage, root, stage)
 
 
 def _canonical_via(root: str, socket_path: str, stage: int) -> None:
@@ -174,3 +188,41 @@ def test_wait_until_and_status_name_every_rank(nodes: list[Node]) -> None:
         assert all(st.bytes > 0 and list(st.ranks) for st in steps.values())
     finally:
         client.close()
+
+
+def test_daemons_persist_across_nodes_and_commit_once(nodes: list[Node], tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    _save_with_trainers(nodes, 4, root, wait="committed")  # chunks span ranks and nodes
+    from ckptd.formats import commit as commit_mod
+    from ckptd.formats.storage import open_storage
+
+    assert commit_mod.committed_steps(open_storage(root)) == [STEP]
+    assert "step verdict" in nodes[0].stderr()  # rank 0's daemon coordinated
+    run(_storage_body, 3, (root, 1), timeout=120)  # DP 4 -> DP 3 from storage alone
+
+
+def test_daemon_killed_while_persisting_leaves_nothing_then_finishes(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    from ckptd.formats import commit as commit_mod
+    from ckptd.formats.storage import open_storage
+
+    root = str(tmp_path / "ckpt")
+    victim = nodes[1]
+    victim.stop()
+    victim.config["persistence"] = {"root_url": None, "rate_limit": 300}  # bytes/s: slow
+    victim.start()
+    victim.wait_ready()
+    _save_with_trainers(nodes, 4, root)
+    wait_until(lambda: "step persisted here" in nodes[0].stderr(), 30, "node-0 persisted")
+    assert victim.proc is not None
+    os.kill(victim.proc.pid, signal.SIGKILL)  # mid-persistence (its writes are throttled)
+    victim.proc.wait(10)
+    victim.log_file.close()
+    storage = open_storage(root)
+    assert commit_mod.committed_steps(storage) == []  # nothing visible, nothing partial read
+    victim.config["persistence"] = {"root_url": None}
+    victim.start()  # re-adopts its snapshots and persists them again
+    victim.wait_ready()
+    wait_until(lambda: commit_mod.committed_steps(storage) == [STEP], 90, "the commit")
+    run(_storage_body, 3, (root, 1), timeout=120)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63kptd/rpc/v1/daemon.proto\x12\x0c\x63kptd.rpc.v1\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"A\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"\x0f\n\rStatusRequest\"\xc9\x01\n\nPeerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ckptd.rpc.v1.PeerState\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x1d\n\x15last_seen_age_seconds\x18\x05 \x01(\x01\x12\x13\n\x0brtt_seconds\x18\x06 \x01(\x01\x12\x1c\n\x14\x63onsecutive_failures\x18\x07 \x01(\r\x12\x0e\n\x06source\x18\x08 \x01(\t\"\x1f\n\x0c\x45rasureGroup\x12\x0f\n\x07members\x18\x01 \x03(\t\"\xbe\x02\n\rConfigSummary\x12\x11\n\terasure_n\x18\x01 \x01(\r\x12\x11\n\terasure_m\x18\x02 \x01(\r\x12\x0f\n\x07shm_dir\x18\x03 \x01(\t\x12\x18\n\x10persistence_root\x18\x04 \x01(\t\x12\x15\n\rpeer_dns_name\x18\x05 \x01(\t\x12\x14\n\x0cstatic_peers\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x0b\n\x03tls\x18\x08 \x01(\x08\x12\x0c\n\x04\x61uth\x18\t \x01(\x08\x12\x1b\n\x13retention_keep_last\x18\n \x01(\r\x12\x1c\n\x14retention_keep_every\x18\x0b \x01(\r\x12\"\n\x1aheartbeat_interval_seconds\x18\x0c \x01(\x01\x12\x1a\n\x12lost_after_seconds\x18\r \x01(\x01\"\x83\x03\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\x12\x11\n\tpeer_port\x18\x07 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x08 \x01(\r\x12\x1b\n\x13memory_budget_bytes\x18\t \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\n \x01(\x04\x12+\n\x06\x63onfig\x18\x0b \x01(\x0b\x32\x1b.ckptd.rpc.v1.ConfigSummary\x12\'\n\x05peers\x18\x0c \x03(\x0b\x32\x18.ckptd.rpc.v1.PeerStatus\x12*\n\x06groups\x18\r \x03(\x0b\x32\x1a.ckptd.rpc.v1.ErasureGroup\x12\x10\n\x08my_group\x18\x0e \x01(\r\x12\x0f\n\x07serving\x18\x0f \x01(\t\"M\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x17\n\x0fsent_unix_nanos\x18\x03 \x01(\x03\"R\n\x11HeartbeatResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x1b\n\x13received_unix_nanos\x18\x03 \x01(\x03\"h\n\x14\x42\x65ginSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"+\n\x15\x42\x65ginSnapshotResponse\x12\x12\n\nlease_json\x18\x01 \x01(\t\"m\n\x15\x43ommitSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x65scriptor_json\x18\x05 \x01(\x0c\"D\n\x16\x43ommitSnapshotResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x16\n\x0epayload_crc32c\x18\x02 \x01(\r\"\x8b\x01\n\x0cRankSnapshot\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65scriptor_json\x18\x07 \x01(\x0c\"\x88\x02\n\nStepStatus\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04node\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ckptd.rpc.v1.StepState\x12\r\n\x05ranks\x18\x04 \x03(\r\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\r\n\x05group\x18\x06 \x03(\t\x12\x11\n\terasure_n\x18\x07 \x01(\r\x12\x11\n\terasure_m\x18\x08 \x01(\r\x12\x11\n\tprotected\x18\t \x01(\x08\x12\x11\n\tpersisted\x18\n \x01(\x08\x12\x11\n\tcommitted\x18\x0b \x01(\x08\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x1b\n\x13persist_lag_seconds\x18\r \x01(\x01\"$\n\x15LocalSnapshotsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xe0\x01\n\x16LocalSnapshotsResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\x12-\n\tsnapshots\x18\x04 \x03(\x0b\x32\x1a.ckptd.rpc.v1.RankSnapshot\x12\'\n\x05steps\x18\x05 \x03(\x0b\x32\x18.ckptd.rpc.v1.StepStatus\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x07 \x01(\x04\"\x1f\n\x10JobStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"o\n\x08NodeView\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x33\n\x05local\x18\x04 \x01(\x0b\x32$.ckptd.rpc.v1.LocalSnapshotsResponse\"G\n\x11JobStatusResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.ckptd.rpc.v1.NodeView\"m\n\x0fWaitStepRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ckptd.rpc.v1.StepState\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\"I\n\x10WaitStepResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.ckptd.rpc.v1.StepState\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\\\n\x16ReportPersistedRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x19\n\x11rank_reports_json\x18\x04 \x03(\x0c\"\x19\n\x17ReportPersistedResponse\"Q\n\x12StepOutcomeRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x15\n\x13StepOutcomeResponse*\x82\x01\n\tPeerState\x12\x1a\n\x16PEER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12PEER_STATE_UNKNOWN\x10\x01\x12\x14\n\x10PEER_STATE_ALIVE\x10\x02\x12\x16\n\x12PEER_STATE_SUSPECT\x10\x03\x12\x13\n\x0fPEER_STATE_LOST\x10\x04*\xa3\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_STATE_STAGED\x10\x01\x12\x18\n\x14STEP_STATE_PROTECTED\x10\x02\x12\x18\n\x14STEP_STATE_PERSISTED\x10\x03\x12\x18\n\x14STEP_STATE_COMMITTED\x10\x04\x12\x15\n\x11STEP_STATE_FAILED\x10\x05\x32\xdd\x03\n\x07\x43ontrol\x12=\n\x04Ping\x12\x19.ckptd.rpc.v1.PingRequest\x1a\x1a.ckptd.rpc.v1.PingResponse\x12\x43\n\x06Status\x12\x1b.ckptd.rpc.v1.StatusRequest\x1a\x1c.ckptd.rpc.v1.StatusResponse\x12X\n\rBeginSnapshot\x12\".ckptd.rpc.v1.BeginSnapshotRequest\x1a#.ckptd.rpc.v1.BeginSnapshotResponse\x12[\n\x0e\x43ommitSnapshot\x12#.ckptd.rpc.v1.CommitSnapshotRequest\x1a$.ckptd.rpc.v1.CommitSnapshotResponse\x12L\n\tJobStatus\x12\x1e.ckptd.rpc.v1.JobStatusRequest\x1a\x1f.ckptd.rpc.v1.JobStatusResponse\x12I\n\x08WaitStep\x12\x1d.ckptd.rpc.v1.WaitStepRequest\x1a\x1e.ckptd.rpc.v1.WaitStepResponse2\xe5\x02\n\x04Peer\x12L\n\tHeartbeat\x12\x1e.ckptd.rpc.v1.HeartbeatRequest\x1a\x1f.ckptd.rpc.v1.HeartbeatResponse\x12[\n\x0eLocalSnapshots\x12#.ckptd.rpc.v1.LocalSnapshotsRequest\x1a$.ckptd.rpc.v1.LocalSnapshotsResponse\x12^\n\x0fReportPersisted\x12$.ckptd.rpc.v1.ReportPersistedRequest\x1a%.ckptd.rpc.v1.ReportPersistedResponse\x12R\n\x0bStepOutcome\x12 .ckptd.rpc.v1.StepOutcomeRequest\x1a!.ckptd.rpc.v1.StepOutcomeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63kptd/rpc/v1/daemon.proto\x12\x0c\x63kptd.rpc.v1\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"A\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"\x0f\n\rStatusRequest\"\xc9\x01\n\nPeerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ckptd.rpc.v1.PeerState\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x1d\n\x15last_seen_age_seconds\x18\x05 \x01(\x01\x12\x13\n\x0brtt_seconds\x18\x06 \x01(\x01\x12\x1c\n\x14\x63onsecutive_failures\x18\x07 \x01(\r\x12\x0e\n\x06source\x18\x08 \x01(\t\"\x1f\n\x0c\x45rasureGroup\x12\x0f\n\x07members\x18\x01 \x03(\t\"\xbe\x02\n\rConfigSummary\x12\x11\n\terasure_n\x18\x01 \x01(\r\x12\x11\n\terasure_m\x18\x02 \x01(\r\x12\x0f\n\x07shm_dir\x18\x03 \x01(\t\x12\x18\n\x10persistence_root\x18\x04 \x01(\t\x12\x15\n\rpeer_dns_name\x18\x05 \x01(\t\x12\x14\n\x0cstatic_peers\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x0b\n\x03tls\x18\x08 \x01(\x08\x12\x0c\n\x04\x61uth\x18\t \x01(\x08\x12\x1b\n\x13retention_keep_last\x18\n \x01(\r\x12\x1c\n\x14retention_keep_every\x18\x0b \x01(\r\x12\"\n\x1aheartbeat_interval_seconds\x18\x0c \x01(\x01\x12\x1a\n\x12lost_after_seconds\x18\r \x01(\x01\"\x83\x03\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\x12\x11\n\tpeer_port\x18\x07 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x08 \x01(\r\x12\x1b\n\x13memory_budget_bytes\x18\t \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\n \x01(\x04\x12+\n\x06\x63onfig\x18\x0b \x01(\x0b\x32\x1b.ckptd.rpc.v1.ConfigSummary\x12\'\n\x05peers\x18\x0c \x03(\x0b\x32\x18.ckptd.rpc.v1.PeerStatus\x12*\n\x06groups\x18\r \x03(\x0b\x32\x1a.ckptd.rpc.v1.ErasureGroup\x12\x10\n\x08my_group\x18\x0e \x01(\r\x12\x0f\n\x07serving\x18\x0f \x01(\t\"M\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x17\n\x0fsent_unix_nanos\x18\x03 \x01(\x03\"h\n\x11HeartbeatResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x1b\n\x13received_unix_nanos\x18\x03 \x01(\x03\x12\x14\n\x0c\x64\x61ta_address\x18\x04 \x01(\t\"h\n\x14\x42\x65ginSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"+\n\x15\x42\x65ginSnapshotResponse\x12\x12\n\nlease_json\x18\x01 \x01(\t\"m\n\x15\x43ommitSnapshotRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x65scriptor_json\x18\x05 \x01(\x0c\"D\n\x16\x43ommitSnapshotResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x16\n\x0epayload_crc32c\x18\x02 \x01(\r\"\xa8\x01\n\x0cRankSnapshot\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65scriptor_json\x18\x07 \x01(\x0c\x12\x0b\n\x03key\x18\x08 \x01(\t\x12\x0e\n\x06offset\x18\t \x01(\x04\"\x9d\x02\n\nStepStatus\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04node\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ckptd.rpc.v1.StepState\x12\r\n\x05ranks\x18\x04 \x03(\r\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\r\n\x05group\x18\x06 \x03(\t\x12\x11\n\terasure_n\x18\x07 \x01(\r\x12\x11\n\terasure_m\x18\x08 \x01(\r\x12\x11\n\tprotected\x18\t \x01(\x08\x12\x11\n\tpersisted\x18\n \x01(\x08\x12\x11\n\tcommitted\x18\x0b \x01(\x08\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x1b\n\x13persist_lag_seconds\x18\r \x01(\x01\x12\x13\n\x0bparity_held\x18\x0e \x01(\x08\"$\n\x15LocalSnapshotsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xe0\x01\n\x16LocalSnapshotsResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\x12-\n\tsnapshots\x18\x04 \x03(\x0b\x32\x1a.ckptd.rpc.v1.RankSnapshot\x12\'\n\x05steps\x18\x05 \x03(\x0b\x32\x18.ckptd.rpc.v1.StepStatus\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x07 \x01(\x04\"\x1f\n\x10JobStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"o\n\x08NodeView\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x33\n\x05local\x18\x04 \x01(\x0b\x32$.ckptd.rpc.v1.LocalSnapshotsResponse\"G\n\x11JobStatusResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.ckptd.rpc.v1.NodeView\"m\n\x0fWaitStepRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ckptd.rpc.v1.StepState\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\"I\n\x10WaitStepResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.ckptd.rpc.v1.StepState\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\\\n\x16ReportPersistedRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x19\n\x11rank_reports_json\x18\x04 \x03(\x0c\"\x19\n\x17ReportPersistedResponse\"Q\n\x12StepOutcomeRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x15\n\x13StepOutcomeResponse*\x82\x01\n\tPeerState\x12\x1a\n\x16PEER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12PEER_STATE_UNKNOWN\x10\x01\x12\x14\n\x10PEER_STATE_ALIVE\x10\x02\x12\x16\n\x12PEER_STATE_SUSPECT\x10\x03\x12\x13\n\x0fPEER_STATE_LOST\x10\x04*\xa3\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_STATE_STAGED\x10\x01\x12\x18\n\x14STEP_STATE_PROTECTED\x10\x02\x12\x18\n\x14STEP_STATE_PERSISTED\x10\x03\x12\x18\n\x14STEP_STATE_COMMITTED\x10\x04\x12\x15\n\x11STEP_STATE_FAILED\x10\x05\x32\xdd\x03\n\x07\x43ontrol\x12=\n\x04Ping\x12\x19.ckptd.rpc.v1.PingRequest\x1a\x1a.ckptd.rpc.v1.PingResponse\x12\x43\n\x06Status\x12\x1b.ckptd.rpc.v1.StatusRequest\x1a\x1c.ckptd.rpc.v1.StatusResponse\x12X\n\rBeginSnapshot\x12\".ckptd.rpc.v1.BeginSnapshotRequest\x1a#.ckptd.rpc.v1.BeginSnapshotResponse\x12[\n\x0e\x43ommitSnapshot\x12#.ckptd.rpc.v1.CommitSnapshotRequest\x1a$.ckptd.rpc.v1.CommitSnapshotResponse\x12L\n\tJobStatus\x12\x1e.ckptd.rpc.v1.JobStatusRequest\x1a\x1f.ckptd.rpc.v1.JobStatusResponse\x12I\n\x08WaitStep\x12\x1d.ckptd.rpc.v1.WaitStepRequest\x1a\x1e.ckptd.rpc.v1.WaitStepResponse2\xe5\x02\n\x04Peer\x12L\n\tHeartbeat\x12\x1e.ckptd.rpc.v1.HeartbeatRequest\x1a\x1f.ckptd.rpc.v1.HeartbeatResponse\x12[\n\x0eLocalSnapshots\x12#.ckptd.rpc.v1.LocalSnapshotsRequest\x1a$.ckptd.rpc.v1.LocalSnapshotsResponse\x12^\n\x0fReportPersisted\x12$.ckptd.rpc.v1.ReportPersistedRequest\x1a%.ckptd.rpc.v1.ReportPersistedResponse\x12R\n\x0bStepOutcome\x12 .ckptd.rpc.v1.StepOutcomeRequest\x1a!.ckptd.rpc.v1.StepOutcomeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ckptd.rpc.v1.daemon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PEERSTATE']._serialized_start=2909
-  _globals['_PEERSTATE']._serialized_end=3039
-  _globals['_STEPSTATE']._serialized_start=3042
-  _globals['_STEPSTATE']._serialized_end=3205
+  _globals['_PEERSTATE']._serialized_start=2981
+  _globals['_PEERSTATE']._serialized_end=3111
+  _globals['_STEPSTATE']._serialized_start=3114
+  _globals['_STEPSTATE']._serialized_end=3277
   _globals['_PINGREQUEST']._serialized_start=43
   _globals['_PINGREQUEST']._serialized_end=73
   _globals['_PINGRESPONSE']._serialized_start=75
@@ -52,43 +52,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_start=1107
   _globals['_HEARTBEATREQUEST']._serialized_end=1184
   _globals['_HEARTBEATRESPONSE']._serialized_start=1186
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1268
-  _globals['_BEGINSNAPSHOTREQUEST']._serialized_start=1270
-  _globals['_BEGINSNAPSHOTREQUEST']._serialized_end=1374
-  _globals['_BEGINSNAPSHOTRESPONSE']._serialized_start=1376
-  _globals['_BEGINSNAPSHOTRESPONSE']._serialized_end=1419
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=1421
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=1530
-  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_start=1532
-  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_end=1600
-  _globals['_RANKSNAPSHOT']._serialized_start=1603
-  _globals['_RANKSNAPSHOT']._serialized_end=1742
-  _globals['_STEPSTATUS']._serialized_start=1745
-  _globals['_STEPSTATUS']._serialized_end=2009
-  _globals['_LOCALSNAPSHOTSREQUEST']._serialized_start=2011
-  _globals['_LOCALSNAPSHOTSREQUEST']._serialized_end=2047
-  _globals['_LOCALSNAPSHOTSRESPONSE']._serialized_start=2050
-  _globals['_LOCALSNAPSHOTSRESPONSE']._serialized_end=2274
-  _globals['_JOBSTATUSREQUEST']._serialized_start=2276
-  _globals['_JOBSTATUSREQUEST']._serialized_end=2307
-  _globals['_NODEVIEW']._serialized_start=2309
-  _globals['_NODEVIEW']._serialized_end=2420
-  _globals['_JOBSTATUSRESPONSE']._serialized_start=2422
-  _globals['_JOBSTATUSRESPONSE']._serialized_end=2493
-  _globals['_WAITSTEPREQUEST']._serialized_start=2495
-  _globals['_WAITSTEPREQUEST']._serialized_end=2604
-  _globals['_WAITSTEPRESPONSE']._serialized_start=2606
-  _globals['_WAITSTEPRESPONSE']._serialized_end=2679
-  _globals['_REPORTPERSISTEDREQUEST']._serialized_start=2681
-  _globals['_REPORTPERSISTEDREQUEST']._serialized_end=2773
-  _globals['_REPORTPERSISTEDRESPONSE']._serialized_start=2775
-  _globals['_REPORTPERSISTEDRESPONSE']._serialized_end=2800
-  _globals['_STEPOUTCOMEREQUEST']._serialized_start=2802
-  _globals['_STEPOUTCOMEREQUEST']._serialized_end=2883
-  _globals['_STEPOUTCOMERESPONSE']._serialized_start=2885
-  _globals['_STEPOUTCOMERESPONSE']._serialized_end=2906
-  _globals['_CONTROL']._serialized_start=3208
-  _globals['_CONTROL']._serialized_end=3685
-  _globals['_PEER']._serialized_start=3688
-  _globals['_PEER']._serialized_end=4045
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1290
+  _globals['_BEGINSNAPSHOTREQUEST']._serialized_start=1292
+  _globals['_BEGINSNAPSHOTREQUEST']._serialized_end=1396
+  _globals['_BEGINSNAPSHOTRESPONSE']._serialized_start=1398
+  _globals['_BEGINSNAPSHOTRESPONSE']._serialized_end=1441
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=1443
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=1552
+  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_start=1554
+  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_end=1622
+  _globals['_RANKSNAPSHOT']._serialized_start=1625
+  _globals['_RANKSNAPSHOT']._serialized_end=1793
+  _globals['_STEPSTATUS']._serialized_start=1796
+  _globals['_STEPSTATUS']._serialized_end=2081
+  _globals['_LOCALSNAPSHOTSREQUEST']._serialized_start=2083
+  _globals['_LOCALSNAPSHOTSREQUEST']._serialized_end=2119
+  _globals['_LOCALSNAPSHOTSRESPONSE']._serialized_start=2122
+  _globals['_LOCALSNAPSHOTSRESPONSE']._serialized_end=2346
+  _globals['_JOBSTATUSREQUEST']._serialized_start=2348
+  _globals['_JOBSTATUSREQUEST']._serialized_end=2379
+  _globals['_NODEVIEW']._serialized_start=2381
+  _globals['_NODEVIEW']._serialized_end=2492
+  _globals['_JOBSTATUSRESPONSE']._serialized_start=2494
+  _globals['_JOBSTATUSRESPONSE']._serialized_end=2565
+  _globals['_WAITSTEPREQUEST']._serialized_start=2567
+  _globals['_WAITSTEPREQUEST']._serialized_end=2676
+  _globals['_WAITSTEPRESPONSE']._serialized_start=2678
+  _globals['_WAITSTEPRESPONSE']._serialized_end=2751
+  _globals['_REPORTPERSISTEDREQUEST']._serialized_start=2753
+  _globals['_REPORTPERSISTEDREQUEST']._serialized_end=2845
+  _globals['_REPORTPERSISTEDRESPONSE']._serialized_start=2847
+  _globals['_REPORTPERSISTEDRESPONSE']._serialized_end=2872
+  _globals['_STEPOUTCOMEREQUEST']._serialized_start=2874
+  _globals['_STEPOUTCOMEREQUEST']._serialized_end=2955
+  _globals['_STEPOUTCOMERESPONSE']._serialized_start=2957
+  _globals['_STEPOUTCOMERESPONSE']._serialized_end=2978
+  _globals['_CONTROL']._serialized_start=3280
+  _globals['_CONTROL']._serialized_end=3757
+  _globals['_PEER']._serialized_start=3760
+  _globals['_PEER']._serialized_end=4117
 # @@protoc_insertion_point(module_scope)

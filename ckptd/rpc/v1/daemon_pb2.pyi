@@ -374,19 +374,23 @@ class HeartbeatResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     RECEIVED_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     generation: _builtins.int
     received_unix_nanos: _builtins.int
+    data_address: _builtins.str
+    """Where the answering daemon serves bulk bytes (the data channel), "host:port"."""
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         generation: _builtins.int = ...,
         received_unix_nanos: _builtins.int = ...,
+        data_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "node", b"node", "received_unix_nanos", b"received_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "generation", b"generation", "node", b"node", "received_unix_nanos", b"received_unix_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,6 +515,8 @@ class RankSnapshot(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     DATA_ADDRESS_FIELD_NUMBER: _builtins.int
     DESCRIPTOR_JSON_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     step: _builtins.int
     generation: _builtins.int
@@ -519,6 +525,11 @@ class RankSnapshot(_message.Message):
     data_address: _builtins.str
     """Data-channel address of the daemon holding it ("host:port" or "unix:/path")."""
     descriptor_json: _builtins.bytes
+    key: _builtins.str
+    """Set when the bytes come from another key than snap/{job}/{rank}/{generation}: a lost
+    node's rank is served rebuilt as lost/{job}/{step}/{node}, this rank at `offset`.
+    """
+    offset: _builtins.int
     def __init__(
         self,
         *,
@@ -529,10 +540,12 @@ class RankSnapshot(_message.Message):
         node: _builtins.str = ...,
         data_address: _builtins.str = ...,
         descriptor_json: _builtins.bytes = ...,
+        key: _builtins.str = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "descriptor_json", b"descriptor_json", "generation", b"generation", "nbytes", b"nbytes", "node", b"node", "rank", b"rank", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "descriptor_json", b"descriptor_json", "generation", b"generation", "key", b"key", "nbytes", b"nbytes", "node", b"node", "offset", b"offset", "rank", b"rank", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,6 +568,7 @@ class StepStatus(_message.Message):
     COMMITTED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     PERSIST_LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    PARITY_HELD_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     node: _builtins.str
     state: Global___StepState.ValueType
@@ -567,6 +581,8 @@ class StepStatus(_message.Message):
     error: _builtins.str
     persist_lag_seconds: _builtins.float
     """Seconds from the snapshot commit to persisted (0 while not persisted)."""
+    parity_held: _builtins.bool
+    """This daemon committed its parity rows of the step (its share of the group's work)."""
     @_builtins.property
     def ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Ranks of this step held by `node`."""
@@ -591,10 +607,11 @@ class StepStatus(_message.Message):
         committed: _builtins.bool = ...,
         error: _builtins.str = ...,
         persist_lag_seconds: _builtins.float = ...,
+        parity_held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "committed", b"committed", "erasure_m", b"erasure_m", "erasure_n", b"erasure_n", "error", b"error", "group", b"group", "node", b"node", "persist_lag_seconds", b"persist_lag_seconds", "persisted", b"persisted", "protected", b"protected", "ranks", b"ranks", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "committed", b"committed", "erasure_m", b"erasure_m", "erasure_n", b"erasure_n", "error", b"error", "group", b"group", "node", b"node", "parity_held", b"parity_held", "persist_lag_seconds", b"persist_lag_seconds", "persisted", b"persisted", "protected", b"protected", "ranks", b"ranks", "state", b"state", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -794,7 +811,7 @@ class ReportPersistedRequest(_message.Message):
     @_builtins.property
     def rank_reports_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """One JSON object per rank of `node`: {"rank", "status", "chunks", "rng", "objects",
-        "coords", "bytes"} (the same report the in-process pipeline gathers).
+        "coords", "bytes", "records", "seconds"} (daemon/persist.py persist_rank).
         """
 
     def __init__(

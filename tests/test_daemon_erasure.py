@@ -1,0 +1,99 @@
+"""Node loss: erasure groups of real daemons rebuild lost nodes' snapshots bit-exact.
+
+Four daemons on 127.0.0.1 form one group with n = 4, m = 2; four trainer processes (one
+per node) save a ZeRO state through them, wait until the step is protected and
+persisted, and are SIGKILLed. Then daemons are SIGKILLed one after another: with 1 and 2
+lost, a restarted job of another layout loads the step from memory (the lost nodes'
+ranks rebuilt by a survivor from data and parity); with 3 lost it falls back to the
+persisted checkpoint and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import TOKEN, Node, make_nodes, wait_until
+from models_tiny import assert_local
+from mp_harness import Proc, run
+from test_daemon_snapshots import STEP, _save_with_trainers
+from test_multiproc_layouts import _lookup, _zero_state
+
+import ckpt
+from ckpt.daemon_client import DaemonClient, job_id_for
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+
+@pytest.fixture
+def group() -> Iterator[list[Node]]:
+    base = Path(tempfile.mkdtemp(prefix="cke-", dir="/tmp"))
+    cluster = make_nodes(base, 4, erasure={"n": 4, "m": 2})
+    for n in cluster:
+        n.config["persistence"] = {"root_url": None}
+        n.config["data"] = {"port": 0}
+    try:
+        for n in cluster:
+            n.start()
+        for n in cluster:
+            n.wait_ready()
+        yield cluster
+    finally:
+        for n in cluster:
+            n.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _load_and_check(rank: int, world: int, root: str, sockets: list[str], source: str) -> None:
+    ckpt.configure(daemon_socket=sockets[rank % len(sockets)], daemon_token=TOKEN)
+    state, layout, expect = _zero_state(1, rank, world, load=True)
+    res = ckpt.load(state, root, strict=True, layout=layout)
+    assert res.source == source and res.step == STEP, res
+    for key, (want, pad) in expect.items():
+        assert_local(_lookup(state, key), want, pad, f"dp rank {rank}/{world} ({source}): {key}")
+
+
+def _restore(p: Proc, world: int, root: str, sockets: list[str], source: str) -> None:
+    p.phase(world, _load_and_check, root, sockets, source)
+
+
+def _kill(node: Node) -> None:
+    assert node.proc is not None
+    os.kill(node.proc.pid, signal.SIGKILL)  # the node is gone: memory and daemon
+    node.proc.wait(10)
+    node.log_file.close()
+    node.proc = None
+
+
+def test_lose_one_two_then_three_nodes_of_a_group(group: list[Node], tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    _save_with_trainers(group, 4, root, wait="committed")
+    client = DaemonClient(group[0].socket_path, TOKEN)
+    try:
+        status = client.job_status(job_id_for(root))
+        steps = [st for v in status.nodes for st in v.local.steps if st.step == STEP]
+        assert len(steps) == 4 and all(st.protected and st.parity_held for st in steps), steps
+        assert all(list(st.group) == [n.name for n in group] for st in steps)
+    finally:
+        client.close()
+
+    for lost in (3, 2):  # lose node-3, then node-2 as well: m = 2 rebuilds both
+        _kill(group[lost])
+        survivors = [n for n in group if n.proc is not None]
+        wait_until(lambda s=survivors, gone=group[lost].name: all(
+            _sees_down(n, gone) for n in s), 20, f"survivors to see {group[lost].name} down")
+        run(_restore, len(survivors), (len(survivors), root,
+                                       [n.socket_path for n in survivors], "memory"), timeout=120)
+
+    _kill(group[1])  # three of four lost: more than m, storage is the fallback
+    wait_until(lambda: _sees_down(group[0], group[1].name), 20, "node-0 to see node-1 down")
+    run(_restore, 1, (1, root, [group[0].socket_path], "storage"), timeout=120)
+
+
+def _sees_down(node: Node, other: str) -> bool:
+    return any(p.name == other and p.state in (3, 4) for p in node.status().peers)
