@@ -350,5 +350,33 @@ def gc_cmd(
     click.echo(f"{verb} {len(leftovers)} uncommitted leftover(s): {leftovers}")
 
 
+@main.command("status")
+@click.argument("root")
+@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", required=True,
+              help="The node's ckptd socket (default $CKPTD_SOCKET).")
+@click.option("--token", envvar="CKPTD_JOB_TOKEN", help="Job token (default $CKPTD_JOB_TOKEN).")
+@click.option("--job", "job_id", envvar="CKPT_JOB_ID", help="Job id (default: from ROOT).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def status_cmd(root: str, socket_path: str, token: str | None, job_id: str | None,
+               as_json: bool) -> None:
+    """Show the job of ROOT in the daemons' memory: per step and node, staged, protected
+    (group, n, m), persisted, committed; and each daemon's memory against its budget."""
+    from ckpt.daemon_client import DaemonClient, job_id_for
+    from ckptd.daemon.jobview import format_job, job_rows
+
+    client = DaemonClient(socket_path, token)
+    try:
+        doc = job_rows(client.job_status(job_id_for(root, job_id)))
+    except CkptError as e:
+        click.echo(f"ckpt: error: {_line(e)}", err=True)
+        sys.exit(1)
+    finally:
+        client.close()
+    if as_json:
+        _emit({"ok": True, **doc})
+    else:
+        click.echo(format_job(doc))
+
+
 if __name__ == "__main__":
     main()

@@ -8,11 +8,15 @@ that Kubernetes' native gRPC probes, which cannot send metadata, work. The token
 ever logged.
 
 :func:`prepare_socket_path` guards the other door, the unix socket: its directory must be
-ours and private (0700), the socket 0600.
+ours and private (0700), the socket 0600 (:func:`secure_socket`). With a ``socket_group``
+(training pods that run as another uid), the directory is 0750 and the sockets 0660, both
+of that group: its members may connect, nobody else may enter; nobody but the daemon's
+user may ever write the directory.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
@@ -136,25 +140,51 @@ class UnsafePathError(CkptError, PermissionError):
     """The unix socket path is unsafe (symlink, wrong owner, group/world access)."""
 
 
-def prepare_socket_path(path: str) -> None:
-    """Make ``path``'s directory safe for a 0600 socket, or raise :class:`UnsafePathError`.
+def socket_modes(group: int | None) -> tuple[int, int]:
+    """(directory mode, socket mode): 0750/0660 with a socket group, else 0700/0600."""
+    return (0o700, 0o600) if group is None else (0o750, 0o660)
 
-    The directory is created with mode 0700 if missing (its parent must exist); an existing
-    one must be a real directory (not a symlink) owned by our effective uid with no group or
-    world permissions. A leftover socket that nobody answers on is removed; anything else
-    at ``path`` (a live daemon, a file, a symlink) is refused.
+
+def secure_socket(path: str, group: int | None = None) -> None:
+    """Give the socket just bound at ``path`` its mode (0600, or 0660 of ``group``)."""
+    if group is not None:
+        os.chown(path, -1, group)
+    os.chmod(path, socket_modes(group)[1])
+
+
+def prepare_socket_path(path: str, group: int | None = None) -> None:
+    """Make ``path``'s directory safe for the socket, or raise :class:`UnsafePathError`.
+
+    Without ``group``: the directory is created with mode 0700 if missing (its parent must
+    exist); an existing one must be a real directory (not a symlink) owned by our effective
+    uid with no group or world permissions. With ``group`` (a gid): the same, but mode 0750
+    and group ``group`` (we create it so; an existing one must be exactly that: no group
+    write, nothing for others, and the group must be able to enter). A leftover socket that
+    nobody answers on is removed; anything else at ``path`` (a live daemon, a file, a
+    symlink) is refused.
     """
     sock, directory = Path(path), Path(path).parent
-    hint = ("point socket_path into a directory that only the ckptd user can access "
-            "(ckptd creates it with mode 0700 when it does not exist)")
+    want = socket_modes(group)[0]
+    if group is None:
+        hint = ("point socket_path into a directory that only the ckptd user can access "
+                "(ckptd creates it with mode 0700 when it does not exist)")
+    else:
+        hint = (f"point socket_path into a directory owned by the ckptd user, group {group}, "
+                f"mode 0750 (ckptd creates it so when it does not exist)")
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
         try:
             os.mkdir(directory, 0o700)
+            if group is not None:
+                os.chown(directory, -1, group)
+            os.chmod(directory, want)  # mkdir's mode is subject to the umask
         except OSError as exc:
+            extra = ("" if group is None or exc.errno != errno.EPERM else
+                     f"; the daemon's user must be a member of group {group} "
+                     "(runAsGroup or supplementalGroups)")
             raise UnsafePathError(f"cannot create socket directory {directory}: "
-                                  f"{exc.strerror}") from exc
+                                  f"{exc.strerror}{extra}") from exc
         st = os.lstat(directory)
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISLNK(st.st_mode):
@@ -167,9 +197,14 @@ def prepare_socket_path(path: str) -> None:
     if mode & 0o002:
         raise UnsafePathError(f"socket directory {directory} is world-writable "
                               f"(mode {mode:04o}); {hint}")
-    if mode & 0o077:
+    if group is None and mode & 0o077:
         raise UnsafePathError(f"socket directory {directory} has mode {mode:04o}, it must "
                               f"be 0700 (chmod 0700 {directory}); {hint}")
+    if group is not None and (mode != want or st.st_gid != group):
+        raise UnsafePathError(
+            f"socket directory {directory} has mode {mode:04o} and group {st.st_gid}, it "
+            f"must be 0750 and group {group} (chgrp {group} {directory}; chmod 0750 "
+            f"{directory}); {hint}")
     if not os.path.lexists(sock):
         return
     if not stat.S_ISSOCK(os.lstat(sock).st_mode):

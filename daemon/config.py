@@ -4,6 +4,8 @@ Schema (every key optional unless noted; defaults in brackets)::
 
     node_name: node-a            # [host name] unique per node, [A-Za-z0-9._-]
     socket_path: /run/ckptd/ckptd.sock   # local clients; dir 0700 owned by us, socket 0600
+    socket_group: null           # group name or gid whose members may use the socket (trainers
+                                 # of another uid): dir 0750 + sockets 0660 of that group
     listen: {host: 0.0.0.0, port: 7477}  # peer gRPC (TCP)
     data: {port: 7478}           # bulk data channel between daemons (TCP, same host)
     health_port: null            # extra plaintext health-only port (probes when tls is on)
@@ -40,6 +42,7 @@ variable). The token is a :class:`Secret`: never printed, logged or written by `
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import socket
@@ -128,6 +131,7 @@ class DaemonConfig:
 
     node_name: str
     socket_path: str = DEFAULT_SOCKET_PATH
+    socket_group: int | None = None  # gid (resolved from a name at load)
     listen_host: str = "0.0.0.0"
     listen_port: int = DEFAULT_PEER_PORT
     data_port: int = DEFAULT_DATA_PORT
@@ -170,7 +174,8 @@ class DaemonConfig:
 
 
 _FILE_KEYS = {  # DaemonConfig field -> key in the file (peers, tls, rate limit: to_yaml)
-    "node_name": "node_name", "socket_path": "socket_path", "listen_host": "listen.host",
+    "node_name": "node_name", "socket_path": "socket_path", "socket_group": "socket_group",
+    "listen_host": "listen.host",
     "listen_port": "listen.port", "data_port": "data.port", "health_port": "health_port",
     "erasure_n": "erasure.n", "erasure_m": "erasure.m", "shm_dir": "memory.shm_dir",
     "memory_budget_bytes": "memory.budget_bytes", "persistence_root": "persistence.root_url",
@@ -376,6 +381,7 @@ def _build(r: _Reader, env: Mapping[str, str]) -> DaemonConfig | None:
     socket_path = r.get("socket_path", "str", DEFAULT_SOCKET_PATH, lambda v: _absolute(v) or (
         None if len(os.fsencode(v)) <= _UNIX_PATH_MAX
         else f"is longer than the {_UNIX_PATH_MAX}-byte unix socket limit"))
+    socket_group = _read_group(r)
     listen_port = r.get("listen.port", "port", DEFAULT_PEER_PORT, _port())
     peers_raw = r.get("peers.static", "list", [])
     static: list[PeerEntry] = []
@@ -425,7 +431,7 @@ def _build(r: _Reader, env: Mapping[str, str]) -> DaemonConfig | None:
     keep_every = r.get("retention.keep_every", "int", None,
                        lambda v: None if v >= 1 else "must be >= 1 or null")
     cfg = DaemonConfig(
-        node_name=node_name, socket_path=socket_path,
+        node_name=node_name, socket_path=socket_path, socket_group=socket_group,
         listen_host=r.get("listen.host", "str", "0.0.0.0"), listen_port=listen_port,
         data_port=data_port, health_port=health_port, peers=peers, erasure_n=n, erasure_m=m,
         shm_dir=r.get("memory.shm_dir", "str", "/dev/shm/ckptd", _absolute),
@@ -445,6 +451,31 @@ def _build(r: _Reader, env: Mapping[str, str]) -> DaemonConfig | None:
                         "must be debug, info, warning or error").lower(),
     )
     return None if problems else cfg
+
+
+def _read_group(r: _Reader) -> int | None:
+    """``socket_group``: a gid (int, or digits from the env) or a group name -> gid."""
+    value = r.get("socket_group", "any", None)
+    label = _label("socket_group", r.raw.get("socket_group"))
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < 2**32 - 1:
+            return value
+        r.problems.append(f"{label}: a gid must be in 0..4294967294 (got {value})")
+        return None
+    if not isinstance(value, str):
+        r.problems.append(f"{label}: must be a group name or a gid, got "
+                          f"{type(value).__name__} {value!r}")
+        return None
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        r.problems.append(f"{label}: no group named {value!r} on this host (give the "
+                          "numeric gid instead)")
+        return None
 
 
 def _parse_rate(rate: Any, problems: list[str]) -> tuple[int | None, float | None]:

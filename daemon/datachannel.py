@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import crc32c
 
+from ckptd.daemon.auth import secure_socket
 from ckptd.errors import CkptError, IntegrityError, StorageError
 
 if TYPE_CHECKING:
@@ -288,7 +289,7 @@ class DataServer:
         self, bind: str, token: bytes, store: BlobStore, *,
         frame_size: int = DEFAULT_FRAME_BYTES, max_frame: int = DEFAULT_MAX_FRAME_BYTES,
         io_timeout: float = 30.0, idle_timeout: float = 300.0, max_connections: int = 64,
-        faults: TransportFaults | None = None,
+        faults: TransportFaults | None = None, socket_group: int | None = None,
     ) -> None:
         if not token:
             raise ValueError("DataServer needs a non-empty token")
@@ -298,6 +299,7 @@ class DataServer:
         self.frame_size, self.max_frame = frame_size, max_frame
         self.io_timeout, self.idle_timeout = io_timeout, idle_timeout
         self.faults = faults  # test-only fault injection; None in production
+        self.socket_group = socket_group  # unix socket: 0660 of this gid, else 0600
         self._slots = threading.BoundedSemaphore(max_connections)
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
@@ -313,7 +315,7 @@ class DataServer:
         tune_socket(sock)  # before listen: accepted sockets inherit the buffer sizes
         sock.bind(addr)
         if family == socket.AF_UNIX:
-            os.chmod(addr, 0o600)
+            secure_socket(addr, self.socket_group)  # the control socket's mode and group
             self.address = f"unix:{addr}"
         else:
             host, port = sock.getsockname()[:2]

@@ -1,7 +1,7 @@
 """The ``ckptd`` command.
 
     ckptd [--config FILE]                    run the daemon until SIGTERM/SIGINT
-    ckptd status [--config FILE | --socket PATH] [--json] [--timeout S]
+    ckptd status [--config FILE | --socket PATH] [--job JOB] [--json] [--timeout S]
     ckptd check-config [--config FILE]       validate and print the effective config
 
 ``--config`` defaults to ``$CKPTD_CONFIG``; ``CKPTD_*`` variables override the file (see
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"$CKPTD_SOCKET or {DEFAULT_SOCKET_PATH})")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    status.add_argument("--job", help="also show this job's steps on every reachable daemon")
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", default=argparse.SUPPRESS, help="YAML config file")
     return parser
@@ -98,6 +99,14 @@ def _status(args: argparse.Namespace, config_path: str | None) -> int:
             reply = daemon_pb2_grpc.ControlStub(channel).Status(
                 daemon_pb2.StatusRequest(), timeout=args.timeout,
                 metadata=bearer_metadata(token))
+        job = None
+        if args.job:
+            from ckptd.daemon.jobview import format_job, job_rows
+
+            with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+                job = job_rows(daemon_pb2_grpc.ControlStub(channel).JobStatus(
+                    daemon_pb2.JobStatusRequest(job=args.job), timeout=args.timeout + 5,
+                    metadata=bearer_metadata(token)))
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
@@ -105,9 +114,11 @@ def _status(args: argparse.Namespace, config_path: str | None) -> int:
                                 f"{code.name if code else 'error'}: {detail}")
     doc = _status_dict(reply)
     if args.json:
-        print(json.dumps({"ok": True, **doc}, indent=2))
+        print(json.dumps({"ok": True, **doc, **({"job": job} if job else {})}, indent=2))
     else:
         print(_format_status(doc))
+        if job is not None:
+            print(format_job(job))
     return 0
 
 

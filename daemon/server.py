@@ -2,7 +2,8 @@
 
 Listeners (all ``grpc.aio``, one event loop, one process):
 
-* unix socket ``socket_path`` (dir 0700 owned by us, socket 0600): ``Control`` + health;
+* unix socket ``socket_path`` (dir 0700 owned by us, socket 0600; 0750/0660 of
+  ``socket_group`` when set): ``Control`` + health;
 * TCP ``listen.host:listen.port`` (mTLS when ``tls`` is set): ``Peer`` + health;
 * optional plaintext ``health_port``: health only (Kubernetes probes cannot speak mTLS).
 
@@ -38,6 +39,7 @@ from ckptd.daemon.auth import (
     UnsafePathError,
     bearer_metadata,
     prepare_socket_path,
+    secure_socket,
 )
 from ckptd.daemon.config import DaemonConfig
 from ckptd.daemon.group import GroupProtector
@@ -343,6 +345,7 @@ class Daemon:
         self.metrics_port = 0
         self.snapshots = SnapshotService(config.node_name, config.shm_dir,
                                          config.memory_budget_bytes)
+        self.snapshots.metrics = self.metrics
         self.blobs = DaemonBlobs(self.snapshots)
         self.data_servers: list[DataServer] = []
         self.data_address = ""  # TCP data channel, advertised to peers
@@ -366,7 +369,7 @@ class Daemon:
         anything running.
         """
         cfg = self.config
-        prepare_socket_path(cfg.socket_path)
+        prepare_socket_path(cfg.socket_path, cfg.socket_group)
         self.pipeline = StepPipeline(self, asyncio.get_running_loop())
         self.snapshots.on_staged.append(self.pipeline.on_staged)
         self.blobs.route("xfer", TransferSource(self))
@@ -391,7 +394,7 @@ class Daemon:
                 probe[0].add_insecure_port(_join(cfg.listen_host, cfg.health_port))
             for server, _, _ in self._servers:
                 await server.start()
-            os.chmod(cfg.socket_path, 0o600)
+            secure_socket(cfg.socket_path, cfg.socket_group)
             self._start_data_servers()
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         except BaseException:
@@ -500,7 +503,8 @@ class Daemon:
         port = bound.rsplit(":", 1)[1]
         # Peers reach us at the host of our gRPC address; advertise that host with our port.
         self.data_address = _join(host or _advertised_host(cfg), int(port))
-        unix = DataServer(f"unix:{cfg.socket_path}.data", token, self.blobs)
+        unix = DataServer(f"unix:{cfg.socket_path}.data", token, self.blobs,
+                          socket_group=cfg.socket_group)
         self.data_servers.append(unix)
         self.local_data_address = unix.start()
 

@@ -129,6 +129,8 @@ class SnapshotService:
         self.budget_bytes = budget_bytes
         self.jobs: dict[str, JobState] = {}
         self.on_staged: list[StepHook] = []
+        self.metrics: Any = None  # DaemonMetrics, set by the daemon
+        self._begun: dict[tuple[str, int], float] = {}  # (job, rank) -> lease handed out
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._loop = loop
@@ -195,7 +197,9 @@ class SnapshotService:
                 f"job {job} rank {rank}: a snapshot of step {step} needs {nbytes} bytes but "
                 f"only {max(0, budget_room)} of the daemon's {self.budget_bytes}-byte budget "
                 "are not held by other jobs; the last committed snapshot is intact")
-        return state.store.slot(rank).begin(step, nbytes, timeout=timeout)
+        w = state.store.slot(rank).begin(step, nbytes, timeout=timeout)
+        self._begun[(job, rank)] = time.monotonic()
+        return w
 
     def writer(self, job: str, rank: int, generation: int) -> WritableSnapshot:
         """The open write of ``(job, rank)`` with ``generation`` (the lease handed out)."""
@@ -227,6 +231,11 @@ class SnapshotService:
                                   f"{w.header.step}")
         state = self._job(job)
         assert state is not None
+        begun = self._begun.pop((job, rank), None)
+        if begun is not None and self.metrics is not None:
+            # Lease to commit: the trainer's copy into shared memory, i.e. its stall
+            # (less the layout exchange it did before asking for the lease).
+            self.metrics.observe_stall(time.monotonic() - begun)
         done = threading.Event()
         state.pending[rank] = done
 
@@ -257,10 +266,14 @@ class SnapshotService:
                     del state.steps[old]
             prog.committed[desc.rank] = generation
             prog.bytes += nbytes
+            if self.metrics is not None:
+                self.metrics.add_bytes("staged", nbytes)
             if not prog.staged and prog.ranks <= prog.committed.keys():
                 prog.staged_at = time.time()
                 staged = prog
             self._changed.notify_all()
+        if staged is not None and self.metrics is not None:
+            self.metrics.set_last_step("staged", staged.step)
         if staged is not None and notify:
             log.info("step staged", job=job, step=desc.step, ranks=sorted(staged.ranks),
                      bytes=staged.bytes)
@@ -281,9 +294,33 @@ class SnapshotService:
                 return
             for k, v in changes.items():
                 setattr(prog, k, v)
-            if changes.get("persisted"):
+            if changes.get("persisted") and prog.persisted_at is None:
                 prog.persisted_at = time.time()
+            self._publish(state, prog, changes)
             self._changed.notify_all()
+
+    def _publish(self, state: JobState, prog: StepProgress, changes: dict[str, Any]) -> None:
+        """Prometheus view of a step's progress (called with the lock held)."""
+        m = self.metrics
+        if m is None:
+            return
+        if changes.get("protected"):
+            m.add_bytes("protected", prog.bytes)
+            m.set_last_step("protected", prog.step)
+        if changes.get("persisted"):
+            m.add_bytes("persisted", prog.bytes)
+            m.set_last_step("persisted", prog.step)
+            if prog.staged_at is not None and prog.persisted_at is not None:
+                took = max(1e-6, prog.persisted_at - prog.staged_at)
+                m.set_persist_throughput(prog.bytes / took)
+        if changes.get("committed_to_storage"):
+            m.set_last_step("committed", prog.step)
+        staged = [p for p in state.steps.values() if p.staged and not p.error]
+        behind = [p for p in staged if not p.persisted]
+        done = [p.step for p in staged if p.persisted]
+        newest = max((p.step for p in staged), default=0)
+        lag_s = time.time() - min(p.staged_at or time.time() for p in behind) if behind else 0.0
+        m.set_persist_lag(lag_s, newest - max(done) if done and behind else len(behind))
 
     def _fail(self, job: str, step: int, error: str) -> None:
         with self._changed:

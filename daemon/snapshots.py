@@ -41,6 +41,8 @@ Thread-safety: every method may be called from any daemon thread.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import re
@@ -76,12 +78,17 @@ class CompleteSnapshot:
     """A verified, pinned, committed snapshot; ``release()`` (or ``with``) unpins it."""
 
     def __init__(
-        self, slot: Slot, buffer: int, seg: Segment, info: SnapshotInfo, desc: dict[str, Any]
+        self, slot: Slot, buffer: int, seg: Segment, info: SnapshotInfo, desc: bytes
     ) -> None:
         self.info = info
-        self.descriptor = desc
+        self._raw_descriptor = desc  # CRC-checked JSON, parsed only when asked for
         self._slot, self._buffer, self._seg = slot, buffer, seg
         self._pinned = True
+
+    @functools.cached_property
+    def descriptor(self) -> dict[str, Any]:
+        """The snapshot's descriptor (parsed on first use)."""
+        return dict(json.loads(self._raw_descriptor))
 
     def view(self) -> torch.Tensor:
         """uint8 tensor over the payload, in the daemon's mapping. Read it, never write it;
@@ -309,7 +316,7 @@ class Slot:
 
     def _check(
         self, b: int, gen: int, verify: bool
-    ) -> tuple[Segment, SnapshotInfo, dict[str, Any]]:
+    ) -> tuple[Segment, SnapshotInfo, bytes]:
         """The committed snapshot in buffer ``b``, or ``ValueError`` saying what is wrong."""
         seg = self.segments[b]
         if seg is None:

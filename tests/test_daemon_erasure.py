@@ -49,17 +49,21 @@ def group() -> Iterator[list[Node]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _load_and_check(rank: int, world: int, root: str, sockets: list[str], source: str) -> None:
+def _load_and_check(rank: int, world: int, root: str, sockets: list[str], source: str,
+                    step: int = STEP, save_next: bool = False) -> None:
     ckpt.configure(daemon_socket=sockets[rank % len(sockets)], daemon_token=TOKEN)
     state, layout, expect = _zero_state(1, rank, world, load=True)
     res = ckpt.load(state, root, strict=True, layout=layout)
-    assert res.source == source and res.step == STEP, res
+    assert res.source == source and res.step == step, res
     for key, (want, pad) in expect.items():
         assert_local(_lookup(state, key), want, pad, f"dp rank {rank}/{world} ({source}): {key}")
+    if save_next:  # the restarted job goes on and saves through its (new) group
+        ckpt.save(state, step + 1, root, layout=layout)  # waits until committed
 
 
-def _restore(p: Proc, world: int, root: str, sockets: list[str], source: str) -> None:
-    p.phase(world, _load_and_check, root, sockets, source)
+def _restore(p: Proc, world: int, root: str, sockets: list[str], source: str,
+             step: int = STEP, save_next: bool = False) -> None:
+    p.phase(world, _load_and_check, root, sockets, source, step, save_next)
 
 
 def _kill(node: Node) -> None:
@@ -93,6 +97,48 @@ def test_lose_one_two_then_three_nodes_of_a_group(group: list[Node], tmp_path: P
     _kill(group[1])  # three of four lost: more than m, storage is the fallback
     wait_until(lambda: _sees_down(group[0], group[1].name), 20, "node-0 to see node-1 down")
     run(_restore, 1, (1, root, [group[0].socket_path], "storage"), timeout=120)
+
+
+def test_replacement_node_takes_the_lost_nodes_place(tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="ckr-", dir="/tmp"))
+    cluster = make_nodes(base, 5, erasure={"n": 4, "m": 2})  # node-4: the spare
+    for n in cluster:
+        n.config["persistence"] = {"root_url": None}
+        n.config["data"] = {"port": 0}
+    root = str(tmp_path / "ckpt")
+    try:
+        for n in cluster[:4]:
+            n.start()
+        for n in cluster[:4]:
+            n.wait_ready()
+        _save_with_trainers(cluster[:4], 4, root, wait="committed")
+        _kill(cluster[3])
+        cluster[4].start()  # the replacement joins (it is in every peer list)
+        cluster[4].wait_ready()
+        job = [cluster[0], cluster[1], cluster[2], cluster[4]]
+        wait_until(lambda: all(_sees_down(n, "node-3") for n in job[:3]), 20, "node-3 down")
+        # The restarted job runs on the replacement: it loads step 11 (node-3's rank rebuilt
+        # from the group) and saves step 12, protected by the new group [0, 1, 2, 4].
+        run(_restore, 4, (4, root, [n.socket_path for n in job], "memory", STEP, True),
+            timeout=150)
+        client = DaemonClient(cluster[0].socket_path, TOKEN)
+        try:
+            status = client.job_status(job_id_for(root))
+        finally:
+            client.close()
+        steps = [st for v in status.nodes for st in v.local.steps if st.step == STEP + 1]
+        assert len(steps) == 4 and all(st.protected for st in steps), steps
+        assert {tuple(st.group) for st in steps} == {("node-0", "node-1", "node-2", "node-4")}
+        _kill(cluster[1])
+        _kill(cluster[4])  # two of the new group lost: still rebuilt from memory
+        wait_until(lambda: _sees_down(cluster[0], "node-4") and _sees_down(cluster[2], "node-1"),
+                   20, "losses seen")
+        run(_restore, 2, (2, root, [cluster[0].socket_path, cluster[2].socket_path], "memory",
+                          STEP + 1), timeout=120)
+    finally:
+        for n in cluster:
+            n.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _sees_down(node: Node, other: str) -> bool:

@@ -173,21 +173,44 @@ def lambda_free_solo(p: Proc, socket_path: str, root: str) -> None:
     p.solo(_budget, socket_path, root)
 
 
-def test_wait_until_and_status_name_every_rank(nodes: list[Node]) -> None:
-    root = str(Path(nodes[0].root).parent / "never-written")
-    _save_with_trainers(nodes, 4, root)
+def test_status_cli_and_metrics_show_every_stage(nodes: list[Node], tmp_path: Path) -> None:
+    import json
+
+    root = str(tmp_path / "ckpt")
+    _save_with_trainers(nodes, 4, root, wait="committed")
     from ckpt.daemon_client import DaemonClient, job_id_for
 
     client = DaemonClient(nodes[0].socket_path, TOKEN)
     try:
-        status = wait_until(lambda: client.job_status(job_id_for(root)), 10, "job status")
-        held = {s.rank: v.node for v in status.nodes for s in v.local.snapshots}
-        assert held == {0: "node-0", 1: "node-0", 2: "node-1", 3: "node-1"}
-        steps = {(v.node, st.step): st for v in status.nodes for st in v.local.steps}
-        assert set(steps) == {("node-0", STEP), ("node-1", STEP)}
-        assert all(st.bytes > 0 and list(st.ranks) for st in steps.values())
+        status = client.job_status(job_id_for(root))
     finally:
         client.close()
+    held = {s.rank: v.node for v in status.nodes for s in v.local.snapshots}
+    assert held == {0: "node-0", 1: "node-0", 2: "node-1", 3: "node-1"}
+    env = clean_env(CKPTD_SOCKET=nodes[1].socket_path, CKPTD_JOB_TOKEN=TOKEN)
+    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", root, "--json"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    rows = {(r["node"], r["step"]): r for r in doc["steps"]}
+    assert set(rows) == {("node-0", STEP), ("node-1", STEP)}
+    for r in rows.values():  # m = 0 here: nothing to code, persisted and committed
+        assert r["staged"] and r["persisted"] and r["committed"] and r["bytes"] > 0
+        assert r["erasure_m"] == 0 and r["ranks"]
+    assert all(n["reachable"] and n["memory_used_bytes"] > 0 for n in doc["nodes"])
+    text = subprocess.run([sys.executable, "-m", "ckptd.daemon.main", "status", "--socket",
+                           nodes[0].socket_path, "--job", job_id_for(root)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert text.returncode == 0 and f"{STEP}" in text.stdout and "node-1" in text.stdout
+    fams = nodes[0].metrics()
+    staged = [s.value for s in fams["ckptd_bytes"].samples
+              if s.name == "ckptd_bytes_total" and s.labels["stage"] == "staged"]
+    assert staged and staged[0] > 0
+    last = {s.labels["stage"]: s.value for s in fams["ckptd_last_step"].samples}
+    assert last["staged"] == STEP and last["persisted"] == STEP and last["committed"] == STEP
+    stall = [s.value for s in fams["ckptd_save_stall_seconds"].samples
+             if s.name == "ckptd_save_stall_seconds_count"]
+    assert stall and stall[0] == 2  # one per rank of this node
 
 
 def test_daemons_persist_across_nodes_and_commit_once(nodes: list[Node], tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from ckptd.converters.sources.dcp import DCPSource
 from ckptd.converters.sources.deepspeed import DeepSpeedSource
 from ckptd.converters.sources.hf import HFSource
 from ckptd.converters.sources.megatron import MegatronSource
+from ckptd.converters.sources.megatron_dist import MegatronDistSource
 from ckptd.converters.sources.universal import UniversalSource
 
 SOURCES: dict[str, type[Source]] = {
@@ -28,8 +29,12 @@ SOURCES: dict[str, type[Source]] = {
     "dcp": DCPSource,
     "deepspeed": DeepSpeedSource,
     "megatron": MegatronSource,
+    "megatron_dist": MegatronDistSource,
 }
-ALIASES = {"safetensors": "hf", "huggingface": "hf", "torch-dcp": "dcp"}
+# A format whose markers include another's: when both detect, the refinement wins
+# (a torch_dist directory is a DCP directory, under a Megatron root).
+REFINES = {"megatron_dist": ("dcp", "megatron")}
+ALIASES = {"safetensors": "hf", "huggingface": "hf", "torch-dcp": "dcp", "torch_dist": "megatron_dist"}
 
 
 def canonical_format(name: str) -> str:
@@ -46,6 +51,7 @@ def detect_source(path: str) -> str:
     if not remote and not os.path.exists(path.removeprefix("file://")):
         raise SourceNotFoundError(f"source {path!r} does not exist")
     found = [name for name, cls in SOURCES.items() if cls.detect(path)]
+    found = [f for f in found if not any(f in REFINES.get(o, ()) for o in found)]
     if not found:
         raise FormatDetectionError(
             f"cannot tell the format of {path!r} (no .metadata, *.safetensors, or committed "

@@ -74,6 +74,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       "dns_port" $v.ports.peer) (default (dict) $cfg.peers) -}}
 {{- $_ := set $cfg "peers" $peers -}}
 {{- $_ = set $cfg "socket_path" (include "ckptd.socketPath" .) -}}
+{{- if not (kindIs "invalid" $v.socketGroup) -}}
+{{- $_ = set $cfg "socket_group" ($v.socketGroup | int) -}}
+{{- end -}}
 {{- $_ = set $cfg "listen" (dict "host" "0.0.0.0" "port" $v.ports.peer) -}}
 {{- $_ = set $cfg "data" (dict "port" $v.ports.data) -}}
 {{- $_ = set $cfg "health_port" $v.ports.health -}}
