@@ -468,7 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--gib", type=float, default=2.0, help="state size in GiB (default 2)")
     ap.add_argument("--repeats", type=int, default=3, help="measured rounds (median; >= 3)")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured save rounds first")
+    ap.add_argument(
+        "--warmup", type=int, default=2, help="unmeasured save rounds (2: both shm buffers)"
+    )
     ap.add_argument("--workdir", help="scratch dir on the disk under test (default $TMPDIR)")
     ap.add_argument("--out", default="bench/results/daemon.json", help="JSON results path")
     ap.add_argument("--_child", help=argparse.SUPPRESS)

@@ -1,14 +1,18 @@
 """The demo: train a tiny GPT on 4 gloo processes, kill it, resume on 2, compare.
 
-    python -m ckptd.demo [--root DIR]
+    python -m ckptd.demo [--root DIR] [--no-daemon]
 
-Phase A: 4 processes train with ZeRO-1 (parameters replicated, Adam moments
-flat-partitioned over data-parallel ranks), saving asynchronously every 5 steps.
-The job is SIGKILLed mid-run. Phase B: 2 processes (a different ZeRO-1 partition)
-load the latest committed checkpoint, check that the restored global state hashes to
-what was saved, and train on. A reference run trains uninterrupted in one process;
-the final parameters must be bit-identical (every rank computes the full-batch
-gradient, so the arithmetic does not depend on the number of ranks).
+Two ``ckptd`` daemons run on this host as two "nodes" (node-a, node-b: an erasure group
+with n = 2, m = 1), persisting to local disk under the root. Phase A: 4 processes (2 per
+node) train with ZeRO-1 (parameters replicated, Adam moments flat-partitioned over
+data-parallel ranks), saving asynchronously every 5 steps into the daemons' shared
+memory. The job is SIGKILLed mid-run, and then node-b's daemon too: the node is lost.
+Phase B: 2 processes on node-a (a different ZeRO-1 partition) load the newest step from
+memory (node-b's ranks rebuilt from node-a's data and parity), check that the restored
+global state hashes to what was saved, and train on. A reference run trains
+uninterrupted in one process; the final parameters must be bit-identical (every rank
+computes the full-batch gradient, so the arithmetic does not depend on the number of
+ranks). ``--no-daemon`` runs the same job with the in-process pipeline (storage only).
 """
 
 from __future__ import annotations
@@ -144,11 +148,17 @@ def global_state_hash(model: nn.Module, opt: Zero1) -> str:
 
 
 def train(
-    rank: int, world: int, port: int, root: str, resume: bool, stop_at: int, log_path: str
+    rank: int, world: int, port: int, root: str, resume: bool, stop_at: int, log_path: str,
+    sockets: tuple[str, ...] = (), token: str | None = None,
 ) -> None:
-    """One rank of a training job (phase A, phase B or the reference when world == 1)."""
+    """One rank of a training job (phase A, phase B or the reference when world == 1).
+
+    ``sockets``: the daemons' sockets; rank r uses ``sockets[r * len(sockets) // world]``.
+    """
     import ckpt
 
+    if sockets:
+        ckpt.configure(daemon_socket=sockets[rank * len(sockets) // world], daemon_token=token)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -180,6 +190,7 @@ def train(
             saved_hash=trainer["state_hash"],
             loaded_hash=now,
             load_s=round(res.seconds, 3),
+            source=res.source,
         )
     handle = None
     for step in range(trainer["step"] + 1, stop_at + 1):
@@ -209,11 +220,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(world: int, root: str, resume: bool, stop_at: int, log: str) -> list[Any]:
+def _start(
+    world: int, root: str, resume: bool, stop_at: int, log: str,
+    sockets: tuple[str, ...] = (), token: str | None = None,
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [
-        ctx.Process(target=train, args=(r, world, port, root, resume, stop_at, log))
+        ctx.Process(
+            target=train, args=(r, world, port, root, resume, stop_at, log, sockets, token)
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -232,15 +248,32 @@ def main(argv: list[str] | None = None) -> int:
     """Run phases A and B and the reference, print what happened, exit 0 on success."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=None, help="checkpoint root (default: a temp dir)")
+    ap.add_argument("--no-daemon", action="store_true", help="in-process pipeline only")
     args = ap.parse_args(argv)
     root = args.root or tempfile.mkdtemp(prefix="ckptd-demo-")
     os.makedirs(root, exist_ok=True)
     logs = tempfile.mkdtemp(prefix="ckptd-demo-logs-")
     print(f"checkpoint root: {root}")
+    daemons = None if args.no_daemon else DemoDaemons(logs)
+    try:
+        return _run(root, logs, daemons)
+    finally:
+        if daemons is not None:
+            daemons.stop()
 
-    print(f"phase A: 4 ranks (ZeRO-1 over DP=4), async save every {SAVE_EVERY} steps")
+
+def _run(root: str, logs: str, daemons: DemoDaemons | None) -> int:
+    sockets: tuple[str, ...] = ()
+    token = None
+    if daemons is not None:
+        daemons.start()
+        sockets, token = tuple(daemons.sockets), daemons.token
+        print(f"daemons: {', '.join(daemons.names)} on this host (erasure n=2, m=1), "
+              f"persisting to {root}")
+    where = " through the daemons" if daemons else ""
+    print(f"phase A: 4 ranks (ZeRO-1 over DP=4), async save{where} every {SAVE_EVERY} steps")
     log_a = os.path.join(logs, "a.jsonl")
-    procs = _start(4, root, False, TOTAL_STEPS, log_a)
+    procs = _start(4, root, False, TOTAL_STEPS, log_a, sockets, token)
     deadline = time.time() + 300
     while time.time() < deadline:
         steps = [e["step"] for e in _events(log_a) if e["event"] == "step"]
@@ -263,10 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  SIGKILLed all 4 ranks after step {max(e['step'] for e in ev if e['event'] == 'step')}"
     )
+    if daemons is not None:
+        newest = max(e["step"] for e in ev if e["event"] == "saved")
+        protected = daemons.wait_protected(root, newest)
+        daemons.kill("node-b")
+        print(f"  step {newest} {'protected' if protected else 'NOT protected'} by the group; "
+              "SIGKILLed node-b's daemon: node-b and its memory are lost")
+        sockets = (daemons.sockets[0],)
 
-    print("phase B: 2 ranks (ZeRO-1 over DP=2) resume from the latest committed checkpoint")
+    print("phase B: 2 ranks (ZeRO-1 over DP=2) resume from the newest step")
     log_b = os.path.join(logs, "b.jsonl")
-    procs = _start(2, root, True, TOTAL_STEPS, log_b)
+    procs = _start(2, root, True, TOTAL_STEPS, log_b, sockets, token)
     for p in procs:
         p.join(300)
     if any(p.exitcode != 0 for p in procs):
@@ -274,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ev_b = _events(log_b)
     res = next(e for e in ev_b if e["event"] == "resumed")
+    src = res["source"]
+    if src == "memory" and daemons is not None:
+        src = "memory (node-b's ranks rebuilt from node-a's data and parity)"
     print(
-        f"  loaded step {res['step']} in {res['load_s']} s; state hash saved {res['saved_hash']}"
-        f" / restored {res['loaded_hash']}"
+        f"  loaded step {res['step']} from {src} in {res['load_s']} s; state hash saved "
+        f"{res['saved_hash']} / restored {res['loaded_hash']}"
     )
     for e in ev_b:
         if e["event"] == "step":
@@ -302,6 +345,105 @@ def main(argv: list[str] | None = None) -> int:
         f"first {ref[1]:.4f}; {math.ceil(TOTAL_STEPS / SAVE_EVERY)} saves planned)"
     )
     return 0 if ok else 1
+
+
+class DemoDaemons:
+    """Two ckptd processes on this host (the demo's "nodes"), in a private temp dir."""
+
+    names = ("node-a", "node-b")
+
+    def __init__(self, logs: str) -> None:
+        import secrets
+
+        self.base = tempfile.mkdtemp(prefix="ckd-", dir="/tmp")  # short: unix socket paths
+        self.logs = logs
+        self.token = secrets.token_hex(16)
+        self.sockets = [os.path.join(self.base, n, "run", "ckptd.sock") for n in self.names]
+        self.procs: dict[str, Any] = {}
+
+    def start(self) -> None:
+        import subprocess
+
+        import yaml
+
+        token_file = os.path.join(self.base, "token")
+        with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(self.token)
+        ports = [_free_port() for _ in self.names]
+        for i, name in enumerate(self.names):
+            os.makedirs(os.path.join(self.base, name), mode=0o700)  # ckptd makes run/ itself
+            cfg = {
+                "node_name": name,
+                "socket_path": self.sockets[i],
+                "listen": {"host": "127.0.0.1", "port": ports[i]},
+                "data": {"port": 0},
+                "metrics": {"host": "127.0.0.1", "port": 0},
+                "peers": {"static": [f"{n}=127.0.0.1:{p}" for n, p in zip(self.names, ports)],
+                          "heartbeat_interval_s": 0.2, "lost_after_s": 1.0},
+                "erasure": {"n": 2, "m": 1},
+                "memory": {"shm_dir": os.path.join(self.base, name, "shm"),
+                           "budget_bytes": "512MiB"},
+                "auth": {"token_file": token_file},
+            }
+            path = os.path.join(self.base, f"{name}.yaml")
+            with open(path, "w") as f:
+                yaml.safe_dump(cfg, f)
+            log = open(os.path.join(self.logs, f"{name}.log"), "wb")  # noqa: SIM115
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "ckptd.daemon.main", "--config", path],
+                stdout=subprocess.DEVNULL, stderr=log,
+                env={k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")})
+        from ckpt.daemon_client import DaemonClient
+
+        deadline = time.time() + 60
+        for sock in self.sockets:
+            while True:
+                try:
+                    client = DaemonClient(sock, self.token)
+                    try:
+                        client.status()
+                    finally:
+                        client.close()
+                    break
+                except Exception as e:
+                    if time.time() > deadline:
+                        raise RuntimeError(
+                            f"ckptd at {sock} did not start; logs in {self.logs}") from e
+                    time.sleep(0.1)
+
+    def wait_protected(self, root: str, step: int, timeout: float = 30.0) -> bool:
+        """True once both daemons report ``step`` protected (bounded wait)."""
+        from ckpt.daemon_client import DaemonClient, job_id_for
+
+        client = DaemonClient(self.sockets[0], self.token)
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                st = client.job_status(job_id_for(root))
+                ok = [s.protected for v in st.nodes for s in v.local.steps if s.step == step]
+                if len(ok) == 2 and all(ok):
+                    return True
+                time.sleep(0.1)
+            return False
+        finally:
+            client.close()
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self) -> None:
+        import shutil
+
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except Exception:
+                proc.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 if __name__ == "__main__":

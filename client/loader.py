@@ -122,8 +122,25 @@ def load_state(
             apply_reads(r, chunk, locals_)
             return chunk.numel() * chunk.element_size()
 
-        for n in pool.map(work, plan.reads):
-            nbytes += n
+        read_error: str | None = None
+        try:
+            for n in pool.map(work, plan.reads):
+                nbytes += n
+        except (CkptError, OSError) as e:
+            if mem is None:
+                raise
+            read_error = f"rank {ctx.rank}: {type(e).__name__}: {e}"
+    if mem is not None:
+        # Every rank learns whether every rank could read from memory; if one could not
+        # (a peer died during the load, more shards lost than parity covers), all load the
+        # newest committed step from storage instead: it overwrites every tensor.
+        errors = [e for e in ctx.all_gather(read_error) if e]
+        if errors:
+            log.warning(
+                "loading step %d from memory failed (%s); falling back to storage %s",
+                man.step, "; ".join(errors[:4]), storage.url,
+            )
+            return load_state(state, storage, step, layout, strict, merge, config, ctx)
     for k, v in objects.items():
         flat.set_object(k, v)
     _restore_rng(flat, man, lay.coords_key(), ctx)

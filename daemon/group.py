@@ -90,6 +90,9 @@ class GroupProtector:
         if len(group) <= cfg.erasure_m:
             log.warning("erasure group too small to protect anything", job=job, step=step,
                         group=group, m=cfg.erasure_m)
+            # Nothing will ever protect a newer step of this layout: holding older data
+            # pinned would only block the next saves.
+            self.release_older(job, step)
             return
         members = self._wait_members(job, step, group)
         sizes = {n: sum(s.nbytes for s in members[n]) for n in group}
@@ -99,8 +102,6 @@ class GroupProtector:
         payload = NodePayload.from_store(store, step, ranks=sorted(prog.ranks), verify=False)
         self.blobs.serve_payload(job, step, payload, geometry)
         with self._lock:
-            self.members[(job, step)] = members
-            self.groups[(job, step)] = tuple(group)
             self._served.setdefault(job, []).append(step)
         info = self._encode(geometry, job, step, generation)
         svc.update(job, step, parity_held=True)
@@ -108,9 +109,12 @@ class GroupProtector:
                  parity_bytes=info.parity_bytes, pulled=info.data_bytes,
                  seconds=round(info.seconds, 3))
         self._wait_parity(job, step, group)
+        with self._lock:  # only a protected step's members are listed as rebuildable
+            self.members[(job, step)] = members
+            self.groups[(job, step)] = tuple(group)
         svc.update(job, step, protected=True)
         self.daemon.metrics.set_protection(len(group), cfg.erasure_m)
-        self._release_older(job, step)
+        self.release_older(job, step)
 
     def _encode(self, geometry: StripeGeometry, job: str, step: int, generation: int) -> Any:
         """``encode_parity``, retried while a data owner does not serve its blocks yet (it
@@ -166,8 +170,9 @@ class GroupProtector:
                                         f"parity within {MEMBER_WAIT_S} s; not protected")
             time.sleep(POLL_S)
 
-    def _release_older(self, job: str, step: int) -> None:
-        """Unpin the payloads of steps before ``step`` (it is protected now)."""
+    def release_older(self, job: str, step: int) -> None:
+        """Unpin the payloads of steps before ``step`` (protected or committed now: the
+        older data is no longer the newest thing that survives a node loss)."""
         with self._lock:
             older = [s for s in self._served.get(job, []) if s < step]
             self._served[job] = [s for s in self._served.get(job, []) if s >= step]

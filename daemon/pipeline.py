@@ -69,6 +69,7 @@ class StepPipeline:
         self.daemon = daemon
         self.loop = loop
         self.protect: ProtectFn | None = None  # set by the erasure part when m > 0
+        self.release_older: Callable[[str, int], None] | None = None
         self.coordinator = Coordinator(self)
         self._storages: dict[str, Storage] = {}
         self._limiter: TokenBucket | None = None
@@ -98,11 +99,14 @@ class StepPipeline:
             storage = self.storage(root)
             if commit_mod.is_committed(storage, step):
                 svc.update(job, step, persisted=True, committed_to_storage=True)
-                return
-            reports = self._persist(job, prog, storage)
-            if all(not r["status"] for r in reports):
-                svc.update(job, step, persisted=True)
-            self._report(job, prog, reports)
+            else:
+                reports = self._persist(job, prog, storage)
+                if all(not r["status"] for r in reports):
+                    svc.update(job, step, persisted=True)
+                self._report(job, prog, reports)
+            done = svc.progress(job, step)
+            if done is not None and done.committed_to_storage and self.release_older:
+                self.release_older(job, step)  # storage holds it: older data may go
         except Exception as e:
             log.error("step pipeline failed", job=job, step=step, error=str(e))
             svc.update(job, step, error=f"{type(e).__name__}: {e}")

@@ -376,6 +376,7 @@ class Daemon:
         self._persist_reports = self.pipeline.coordinator.collect
         self.protector = GroupProtector(self)
         self.pipeline.protect = self.protector.protect
+        self.pipeline.release_older = self.protector.release_older
         self.snapshots.adopt()  # before any listener: no lease can race the adoption
         self.refresh_memory()
         try:

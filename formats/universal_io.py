@@ -14,27 +14,32 @@ Writer call order (one process, one writer per step)::
     w.set_state({...})                             # optional, any time before commit
     w.commit()                                     # manifest, COMMITTED, latest
 
-Resumability: after every tensor (large) or batch of packed tensors (small) becomes
-durable, the writer records its chunk records in the sidecar
-``step-N/.convert-progress.json`` (one atomic ``put``). :meth:`UniversalWriter.resume`
+Durability and resumability: tensors are written through one
+:class:`~ckptd.formats.writer.CheckpointWriter` per *sync window* (``sync_bytes``, default
+256 MiB of tensor data): its thread pool encodes and puts chunks (``O_DIRECT`` in place
+on local disks) while the caller fetches the next tensor; at the end of a window one
+``finish`` (a single ``syncfs`` locally) makes all of them durable, ``on_durable(name)``
+is called for each in ``add`` order, and their chunk records go into the sidecar
+``step-N/.convert-progress.json`` (one atomic ``put`` per window). If ``on_durable``
+raises, :meth:`abort` still records the tensors already reported. :meth:`UniversalWriter.resume`
 reads it, re-verifies the CRC32C of every recorded chunk against the stored bytes, and
 reports the verified tensors as done; chunks of tensors that were not recorded are
 simply written again (their keys are deterministic, puts replace atomically). The
 sidecar is deleted after the commit. Nothing here is visible to readers before the
 commit marker exists.
 
-Memory: :meth:`UniversalWriter.add` returns only after the tensor's chunks are
-durable, or (tensors of at most ``small_tensor_bytes``, which go to packs) after they
-were encoded into a pack buffer of at most ~64 MiB. The caller may drop the tensor as
-soon as ``add`` returns; the writer keeps only small packed tensors alive until their
-pack is flushed.
+Memory: :meth:`UniversalWriter.add` returns once the tensor's chunks are queued within
+``writer_options.max_inflight_bytes`` (it waits while more are queued). The caller may
+drop the tensor when ``add`` returns; queued chunks keep it alive until they are
+written, and small packed tensors until their pack (at most ~64 MiB) is put. Peak:
+the tensor being fetched + the in-flight budget (+ the tensor its chunks belong to).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -55,13 +60,14 @@ from ckptd.formats.manifest import (
 )
 from ckptd.formats.reader import CheckpointReader
 from ckptd.formats.storage import ObjectNotFoundError, Storage
-from ckptd.formats.writer import PACK_TARGET_BYTES, CheckpointWriter, WriterOptions, is_packed
+from ckptd.formats.writer import CheckpointWriter, WriterOptions, is_packed
 from ckptd.fragments import Box, TensorMeta
 from ckptd.planner import PlanOptions
 from ckptd.statedict import validate_state_key
 
 PROGRESS_NAME = ".convert-progress.json"
 PROGRESS_VERSION = 1
+SYNC_BYTES = 256 << 20
 
 
 class ResumeMismatchError(CkptError, ValueError):
@@ -152,6 +158,8 @@ class UniversalWriter:
         plan_options: PlanOptions | None = None,
         *,
         fingerprint: str = "",
+        sync_bytes: int = SYNC_BYTES,
+        on_durable: Callable[[str], None] | None = None,
     ) -> None:
         """Start writing ``step``; an uncommitted leftover of the same step is discarded.
 
@@ -162,6 +170,7 @@ class UniversalWriter:
         _refuse_committed(storage, step)
         storage.delete_prefix(commit_mod.step_dir(step))
         self._setup(storage, step, codec_policy, writer_options, plan_options, fingerprint)
+        self.sync_bytes, self.on_durable = sync_bytes, on_durable
 
     def _setup(
         self,
@@ -181,9 +190,12 @@ class UniversalWriter:
         self._prefix = commit_mod.step_dir(step)
         self._done: dict[str, TensorRecord] = {}
         self._next_pack_writer = 0
-        self._small: CheckpointWriter | None = None
-        self._small_records: dict[str, TensorRecord] = {}
-        self._small_bytes = 0
+        self._window: CheckpointWriter | None = None
+        self._window_records: dict[str, TensorRecord] = {}  # added, not yet durable
+        self._window_bytes = 0
+        self._unsaved = False  # _done has durable tensors the sidecar does not list
+        self.sync_bytes = SYNC_BYTES
+        self.on_durable: Callable[[str], None] | None = None
         self._state: dict[str, Any] = {}
         self._per_rank: dict[str, dict[str, Any]] = {}
         self._rng: dict[str, Any] = {}
@@ -201,6 +213,8 @@ class UniversalWriter:
         plan_options: PlanOptions | None = None,
         *,
         fingerprint: str = "",
+        sync_bytes: int = SYNC_BYTES,
+        on_durable: Callable[[str], None] | None = None,
     ) -> UniversalWriter:
         """Continue an interrupted write of ``step`` (a fresh writer if there is none).
 
@@ -217,7 +231,14 @@ class UniversalWriter:
             raw = None
         if raw is None:
             return cls(
-                storage, step, codec_policy, writer_options, plan_options, fingerprint=fingerprint
+                storage,
+                step,
+                codec_policy,
+                writer_options,
+                plan_options,
+                fingerprint=fingerprint,
+                sync_bytes=sync_bytes,
+                on_durable=on_durable,
             )
         progress = parse_progress(raw, f"{storage.url}/{key}")
         if progress["fingerprint"] != fingerprint:
@@ -227,6 +248,7 @@ class UniversalWriter:
             )
         self = cls.__new__(cls)
         self._setup(storage, step, codec_policy, writer_options, plan_options, fingerprint)
+        self.sync_bytes, self.on_durable = sync_bytes, on_durable
         self._next_pack_writer = int(progress["next_pack_writer"])
         recorded = {n: TensorRecord.from_json(n, t) for n, t in progress["tensors"].items()}
         self._done = {n: r for n, r in recorded.items() if self._verify(r)}
@@ -236,14 +258,15 @@ class UniversalWriter:
     # ---------------------------------------------------------------- public API
     def is_done(self, name: str) -> bool:
         """Whether ``name`` was already added (durable, or verified after a resume)."""
-        return name in self._done or name in self._small_records
+        return name in self._done or name in self._window_records
 
     @property
     def done_names(self) -> frozenset[str]:
-        return frozenset(self._done) | frozenset(self._small_records)
+        return frozenset(self._done) | frozenset(self._window_records)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one whole tensor (CPU); see the module docstring for when it is durable."""
+        """Queue one whole tensor (CPU); durable at the end of its sync window (see module
+        docstring) or at :meth:`commit`; :meth:`sync` forces it."""
         validate_state_key(name)
         validate_key(name)
         if self.is_done(name):
@@ -253,13 +276,43 @@ class UniversalWriter:
             t = t.cpu()
         t = t.contiguous()
         rec = tensor_record(name, t, self.policy, self.writer_options, self.plan_options)
-        if t.numel() == 0:
-            self._done[name] = rec
+        if self._window is None:
+            self._window = CheckpointWriter(
+                self.storage, self.step, self._next_pack_writer, self.policy, self.writer_options
+            )
+        self._window_records[name] = rec
+        if t.numel():
+            if rec.packed:
+                self._window.submit(rec, tuple(0 for _ in rec.shape), t)
+            else:
+                self._window.write_array_metadata(rec)
+                grid = ChunkGrid(rec.shape, rec.chunk_shape)
+                for idx in grid.indices():
+                    self._window.submit(rec, idx, t[grid.chunk_box(idx).slices()])
+        self._window_bytes += t.numel() * t.element_size()
+        if self._window_bytes >= self.sync_bytes:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make every added tensor durable, report it (``on_durable``), record it."""
+        if self._window is None:
             return
-        if rec.packed:
-            self._add_small(rec, t)
-        else:
-            self._add_large(rec, t)
+        writer, self._window = self._window, None
+        records, self._window_records = self._window_records, {}
+        self._window_bytes = 0
+        try:
+            chunks = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        self._next_pack_writer += 1
+        self.bytes_written += writer.bytes_written
+        for name, rec in attach_chunks(records, chunks).items():
+            self._done[name] = rec
+            self._unsaved = True
+            if self.on_durable is not None:
+                self.on_durable(name)
+        self._save_progress()
 
     def set_state(
         self,
@@ -278,8 +331,8 @@ class UniversalWriter:
             self._layout = json.loads(json.dumps(dict(layout)))
 
     def commit(self) -> int:
-        """Flush, write the manifest and the commit marker; return the bytes written."""
-        self._flush_small()
+        """Sync, write the manifest and the commit marker; return the bytes written."""
+        self.sync()
         manifest = Manifest(
             step=self.step,
             tensors=dict(self._done),
@@ -294,54 +347,14 @@ class UniversalWriter:
         return self.bytes_written
 
     def abort(self) -> None:
-        """Stop after an error; what is durable and recorded stays resumable."""
-        if self._small is not None:
-            self._small.abort()
-            self._small = None
-            self._small_records = {}
+        """Stop after an error; what is durable (and reported) is recorded, stays resumable."""
+        if self._window is not None:
+            self._window.abort()
+            self._window, self._window_records, self._window_bytes = None, {}, 0
+        if self._unsaved:
+            self._save_progress()
 
     # ------------------------------------------------------------------ internals
-    def _add_large(self, rec: TensorRecord, t: torch.Tensor) -> None:
-        writer = CheckpointWriter(self.storage, self.step, 0, self.policy, self.writer_options)
-        try:
-            writer.write_array_metadata(rec)
-            grid = ChunkGrid(rec.shape, rec.chunk_shape)
-            for idx in grid.indices():
-                writer.submit(rec, idx, t[grid.chunk_box(idx).slices()])
-            chunks = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        self.bytes_written += writer.bytes_written
-        self._done.update(attach_chunks({rec.name: rec}, chunks))
-        self._save_progress()
-
-    def _add_small(self, rec: TensorRecord, t: torch.Tensor) -> None:
-        if self._small is None:
-            self._small = CheckpointWriter(
-                self.storage, self.step, self._next_pack_writer, self.policy, self.writer_options
-            )
-        self._small.submit(rec, tuple(0 for _ in rec.shape), t)
-        self._small_records[rec.name] = rec
-        self._small_bytes += t.numel() * t.element_size()
-        if self._small_bytes >= PACK_TARGET_BYTES:
-            self._flush_small()
-
-    def _flush_small(self) -> None:
-        if self._small is None:
-            return
-        writer, self._small = self._small, None
-        try:
-            chunks = writer.finish()
-        except BaseException:
-            self._small_records = {}
-            raise
-        self.bytes_written += writer.bytes_written
-        self._done.update(attach_chunks(self._small_records, chunks))
-        self._small_records, self._small_bytes = {}, 0
-        self._next_pack_writer += 1
-        self._save_progress()
-
     def _save_progress(self) -> None:
         doc = {
             "version": PROGRESS_VERSION,
@@ -351,6 +364,7 @@ class UniversalWriter:
             "tensors": {n: r.to_json() for n, r in sorted(self._done.items())},
         }
         self.storage.put(f"{self._prefix}/{PROGRESS_NAME}", json.dumps(doc).encode())
+        self._unsaved = False
 
     def _verify(self, rec: TensorRecord) -> bool:
         """Whether every chunk of ``rec`` is stored with its recorded length and CRC32C."""

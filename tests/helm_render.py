@@ -447,36 +447,57 @@ def _rewrite_config(config: Doc, ports: Mapping[int, int], peers: Mapping[str, i
     return cfg
 
 
+PORT_ATTEMPTS = 3  # free_port() only says "free now": another process may take it first
+
+
 @contextlib.contextmanager
 def run_chart_daemons(docs: Sequence[Doc], base: Path, names: Sequence[str],
                       secrets: Mapping[str, Mapping[str, str]]) -> Iterator[list[ChartNode]]:
     """Start the rendered DaemonSet's daemon on every node in ``names`` (as local processes,
     see the module doc); yields them once each one's startup probe answers SERVING; stops
-    them all on exit, whatever happens."""
+    them all on exit, whatever happens. A daemon that lost one of its free ports to another
+    process ("Address already in use") is retried with new ports, at most PORT_ATTEMPTS."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        nodes: list[ChartNode] = []
+        try:
+            _start_chart_daemons(docs, base, names, secrets, nodes)
+        except AssertionError as exc:
+            for node in nodes:
+                node.stop()
+            if attempt == PORT_ATTEMPTS or "Address already in use" not in str(exc):
+                raise
+            continue
+        try:
+            yield nodes
+        finally:
+            for node in nodes:
+                node.stop()
+        return
+
+
+def _start_chart_daemons(docs: Sequence[Doc], base: Path, names: Sequence[str],
+                         secrets: Mapping[str, Mapping[str, str]],
+                         nodes: list[ChartNode]) -> None:
+    """Prepare and start every node's daemon (appended to ``nodes`` as it starts), then
+    wait, bounded, for each one's startup probe."""
     pod = find(docs, "DaemonSet")["spec"]["template"]["spec"]
     declared = [p["containerPort"] for p in container(pod, "ckptd")["ports"]]
     port_maps = {n: {p: free_port() for p in declared} for n in names}
     _, config = daemon_config(docs)
     peer_port = config["listen"]["port"]
     peers = {n: port_maps[n][peer_port] for n in names}
-    nodes: list[ChartNode] = []
     base.chmod(0o755)  # a daemon running as the pod's uid must reach its node directory
-    try:
-        for n in names:
-            node = prepare_node(docs, base, n, peers, port_maps[n], secrets)
-            nodes.append(node)
-            node.start(**run_as(pod, container(pod, "ckptd")))
-        probe = container(pod, "ckptd")["startupProbe"]["grpc"]
-        for node in nodes:
-            def started(node: ChartNode = node) -> bool:
-                node.check_alive()
-                return health_status(node.local_port(probe["port"]),
-                                     probe.get("service", "")) == "SERVING"
-            wait_until(started, START_TIMEOUT_S, f"{node.name}'s startup probe")
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
+    for n in names:
+        node = prepare_node(docs, base, n, peers, port_maps[n], secrets)
+        nodes.append(node)
+        node.start(**run_as(pod, container(pod, "ckptd")))
+    probe = container(pod, "ckptd")["startupProbe"]["grpc"]
+    for node in nodes:
+        def started(node: ChartNode = node) -> bool:
+            node.check_alive()
+            return health_status(node.local_port(probe["port"]),
+                                 probe.get("service", "")) == "SERVING"
+        wait_until(started, START_TIMEOUT_S, f"{node.name}'s startup probe")
 
 
 def health_status(port: int, service: str) -> str:

@@ -68,8 +68,8 @@ def test_read_touches_only_the_ranks_holding_a_param(tmp_path: Path) -> None:
     fx.write_deepspeed(tmp_path / "ds", fx.tiny_state(1), stage=2, dp=4)
     src = DeepSpeedSource(str(tmp_path / "ds"))
     opened: list[str] = []
-    real = src._mapped
-    src._mapped = lambda f: (opened.append(os.path.basename(f)), real(f))[1]  # type: ignore[method-assign]
+    real = src._pread
+    src._pread = lambda loc, *a: (opened.append(os.path.basename(loc.path)), real(loc, *a))[1]  # type: ignore[method-assign]
     name = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
     src.read("optim.state.embed.weight.exp_avg")  # [0, 77) of group 0, partitions of 66
     assert opened == [name.format(0), name.format(1)]

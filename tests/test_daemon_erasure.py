@@ -141,5 +141,21 @@ def test_replacement_node_takes_the_lost_nodes_place(tmp_path: Path) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _sees_down(node: Node, other: str) -> bool:
-    return any(p.name == other and p.state in (3, 4) for p in node.status().peers)
+def _sees_down(node: Node, other: str, lost: bool = False) -> bool:
+    states = (4,) if lost else (3, 4)  # PEER_STATE_SUSPECT, PEER_STATE_LOST
+    return any(p.name == other and p.state in states for p in node.status().peers)
+
+
+def test_hung_peer_is_treated_as_lost_and_rebuilt(group: list[Node], tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    _save_with_trainers(group, 4, root, wait="protected")
+    hung = group[2]
+    assert hung.proc is not None
+    os.kill(hung.proc.pid, signal.SIGSTOP)  # alive but silent: heartbeats and reads time out
+    try:
+        live = [n for n in group if n is not hung]
+        wait_until(lambda: all(_sees_down(n, hung.name, lost=True) for n in live), 20,
+                   "hung peer marked lost")
+        run(_restore, 3, (3, root, [n.socket_path for n in live], "memory"), timeout=150)
+    finally:
+        os.kill(hung.proc.pid, signal.SIGCONT)

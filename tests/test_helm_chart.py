@@ -106,6 +106,8 @@ def test_training_example_validates() -> None:
     (["--set", "auth.existingSecret="], "/auth/existingSecret"),  # no token Secret
     (["--set", "tls.enabled=true"], "/tls/existingSecret"),  # mTLS without certificates
     (["--set", "config.listen.port=1"], "/config"),  # chart-owned daemon settings
+    (["--set-string", "socketGroup=3000"], "/socketGroup"),  # a gid, not a string
+    (["--set", "config.socket_group=3000"], "/config"),  # chart-owned: use socketGroup
 ])
 def test_wrong_values_fail_lint(values: list[str], message: str) -> None:
     out = lint(*values)
@@ -272,3 +274,31 @@ def test_network_policy_and_service_monitor() -> None:
     assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
     _, default_docs = rendered("defaults")
     assert not [d for d in default_docs if d["kind"] in ("NetworkPolicy", "ServiceMonitor")]
+
+
+def test_socket_group_wiring(tmp_path: Path) -> None:
+    """socketGroup reaches the daemon's config (accepted by its parser), the daemon pod's
+    supplementalGroups and the init container (socket dir uid:group 0750, shm dir 0700);
+    without it none of them mentions a group."""
+    _, docs = rendered("defaults")
+    pod = pod_of(docs)
+    assert "socket_group" not in hr.daemon_config(docs)[1]
+    assert "supplementalGroups" not in pod["securityContext"]
+    docs = hr.render({"socketGroup": 3000})
+    pod = pod_of(docs)
+    sc = pod["securityContext"]
+    _, config = hr.daemon_config(docs)
+    assert config["socket_group"] == 3000 and sc["supplementalGroups"] == [3000]
+    init = hr.container(pod, "prepare-host-dirs", init=True)
+    script, socket_dir, shm_dir = init["command"][2], *init["command"][-2:]
+    assert (socket_dir, shm_dir) == (os.path.dirname(config["socket_path"]),
+                                     config["memory"]["shm_dir"])
+    assert f'chown {sc["runAsUser"]}:3000 "$1"; chmod 0750 "$1"' in script
+    assert f'chown {sc["runAsUser"]}:{sc["runAsGroup"]} "$2"; chmod 0700 "$2"' in script
+    config["auth"] = {"allow_unauthenticated": True}
+    path = tmp_path / "ckptd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert load_config(path, env={"CKPTD_NODE_NAME": "node-a"}).socket_group == 3000
+    _, custom = rendered("custom-paths")  # prepare: false, the node provides the directory
+    assert hr.daemon_config(custom)[1]["socket_group"] == 3000
+    assert pod_of(custom)["securityContext"]["supplementalGroups"] == [3000]

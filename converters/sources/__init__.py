@@ -34,7 +34,12 @@ SOURCES: dict[str, type[Source]] = {
 # A format whose markers include another's: when both detect, the refinement wins
 # (a torch_dist directory is a DCP directory, under a Megatron root).
 REFINES = {"megatron_dist": ("dcp", "megatron")}
-ALIASES = {"safetensors": "hf", "huggingface": "hf", "torch-dcp": "dcp", "torch_dist": "megatron_dist"}
+ALIASES = {
+    "safetensors": "hf",
+    "huggingface": "hf",
+    "torch-dcp": "dcp",
+    "torch_dist": "megatron_dist",
+}
 
 
 def canonical_format(name: str) -> str:

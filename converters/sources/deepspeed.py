@@ -22,11 +22,20 @@ Flat-range math. ZeRO-1/2: a param group's params lie back to back in one flat b
 into ``ceil(n / dp)`` elements per rank (the last rank's tail is padding), laid back to
 back in each rank's flat group.
 
-Safety and memory: every file is read with ``torch.load(weights_only=True, mmap=True)``
-only (no fallback): a pickle that needs anything else (``__reduce__`` payloads) raises
-:class:`UnsafePickleError`, a truncated or corrupt file :class:`SourceFormatError`, both
-naming the file. Files are mapped, not read: a tensor read touches only its ranges, and
-the mapping is dropped after each tensor, so memory stays about one tensor.
+Safety: every file is read with ``torch.load(weights_only=True)`` only (no fallback).
+Real DeepSpeed files pickle a few DeepSpeed objects besides tensors (the loss scaler,
+``ZeroStageEnum``, ``fragment_address`` values of ``param_slice_mappings``); exactly
+those globals (:data:`DEEPSPEED_GLOBALS`) are mapped to inert stand-ins
+(:class:`DeepSpeedObject`) that only record their constructor arguments and state:
+no DeepSpeed code is imported or run. Any other global (``__reduce__`` payloads
+included) raises :class:`UnsafePickleError` naming the file and the global; a
+truncated or corrupt file raises :class:`SourceFormatError`.
+
+Speed and memory: each file is unpickled once, on the meta device
+(``map_location="meta"``: structure, dtypes, shapes and each storage's offset in the
+file, no data). A tensor read is then one ``preadv`` per file range straight into the
+output tensor: no mapping whose touched pages would count as resident memory, no
+second unpickling; memory stays about one tensor.
 """
 
 from __future__ import annotations
@@ -36,10 +45,10 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,18 +71,113 @@ class UnsafePickleError(SourceFormatError):
     """A ``.pt`` file needs more than ``torch.load(weights_only=True)`` allows (never run)."""
 
 
-def load_pt(path: str) -> Any:
-    """``torch.load(path, weights_only=True, mmap=True)``, errors typed and naming ``path``."""
+#: The DeepSpeed globals that real ZeRO checkpoints pickle; each is unpickled into an
+#: inert :class:`DeepSpeedObject` subclass, never into DeepSpeed's class.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+class DeepSpeedObject:
+    """Inert stand-in for a pickled DeepSpeed object: records ``args`` and ``state``.
+
+    ``args`` are what the pickle passed to the class (an enum's value), ``state`` what
+    it passed to ``__setstate__`` (an object's ``__dict__``). No behaviour beyond that.
+    """
+
+    qualname: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any) -> DeepSpeedObject:
+        self = object.__new__(cls)
+        self.args = args
+        self.state: Any = None
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __int__(self) -> int:  # ZeroStageEnum(2) pickles as the call with its value
+        if len(self.args) == 1 and isinstance(self.args[0], int):
+            return int(self.args[0])
+        raise TypeError(f"{self.qualname} stand-in has no integer value")
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname} args={self.args!r} state={self.state!r}>"
+
+
+STANDINS: dict[str, type[DeepSpeedObject]] = {
+    q: type(q.rsplit(".", 1)[1], (DeepSpeedObject,), {"qualname": q, "__module__": __name__})
+    for q in DEEPSPEED_GLOBALS
+}
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_pt(path: str, *, meta: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with the DeepSpeed stand-ins allowed.
+
+    ``meta``: tensors on the meta device, each storage carrying ``_checkpoint_offset``
+    (its byte offset in the file); otherwise memory-mapped CPU tensors. Errors are
+    typed and name ``path`` (and the refused global).
+    """
+    where: dict[str, Any] = {"map_location": "meta"} if meta else {"map_location": "cpu"}
+    allowed = [(cls, q) for q, cls in STANDINS.items()]
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True, mmap=not meta, **where)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        m = _GLOBAL_RE.search(text)
+        what = (
+            f"global {m.group(1)}"
+            if m
+            else (text.strip().splitlines() or [type(e).__name__])[0]
+        )
         raise UnsafePickleError(
-            f"{path}: refused to unpickle (only weights_only=True loads are allowed; the file "
-            f"holds objects other than tensors and containers): {first}"
+            f"{path}: refused to unpickle {what}: only tensors, containers and the "
+            f"DeepSpeed objects {', '.join(DEEPSPEED_GLOBALS)} are allowed (weights_only "
+            "load; nothing was executed). Convert only checkpoints written by DeepSpeed."
         ) from e
     except Exception as e:  # truncated zip, bad magic, I/O: no other way to read it
         raise SourceFormatError(f"{path}: cannot read the torch file: {e}") from e
+
+
+@dataclass(frozen=True)
+class _Loc:
+    """A tensor's bytes in a ``.pt`` file: ``numel`` elements of ``dtype`` from ``offset``."""
+
+    path: str
+    offset: int
+    numel: int
+    dtype: torch.dtype
+
+
+def _locate(path: str, t: Any, size: int, what: str) -> _Loc:
+    """Where the meta tensor ``t`` (from ``load_pt(path, meta=True)``) lies in ``path``."""
+    if not isinstance(t, torch.Tensor):
+        raise SourceFormatError(f"{path}: {what} is not a tensor")
+    base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+    if base is None or not t.is_contiguous():
+        raise SourceFormatError(f"{path}: {what} is not a contiguous stored tensor")
+    off = int(base) + t.storage_offset() * t.element_size()
+    n = t.numel()
+    if off + n * t.element_size() > size:
+        raise SourceFormatError(f"{path}: {what} runs past the end of the file (truncated?)")
+    return _Loc(path, off, n, t.dtype)
+
+
+def _check_byteorder(path: str) -> None:
+    """Refuse archives written on a big-endian machine (bytes are read as they are)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            rec = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
+            order = z.read(rec).decode().strip() if rec else "little"
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise SourceFormatError(f"{path}: cannot read the torch file: {e}") from e
+    if order != "little":
+        raise SourceFormatError(f"{path}: written {order}-endian; only little-endian is read")
 
 
 def _tag_dir(path: str, step: int | None) -> str:
@@ -139,7 +243,10 @@ class DeepSpeedSource(InventorySource):
             model_files[0],
         )
         self.optim_files = self._optim_files()
-        ms = load_pt(self.model_file)
+        self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
+        self._locs: list[dict[str, list[_Loc]]] = []  # per rank: kind -> per group
+        ms = self._load_meta(self.model_file)
         module = _get(ms, "module", where=self.model_file)
         shapes = ms.get("param_shapes") if isinstance(ms, dict) else None
         self._ds_step = ms.get("global_steps") if isinstance(ms, dict) else None
@@ -154,12 +261,14 @@ class DeepSpeedSource(InventorySource):
         self._parts: list[int] = []  # per group: numel of each rank's partition
         if self.optim_files:
             self._index_optim(groups)
+        self._module: dict[str, torch.Tensor] = {}  # meta tensors of ``module``
         for k, v in module.items():
             if not isinstance(v, torch.Tensor):
                 self._skipped.append(f"model.{k}")
             elif v.numel() == 0 and k in self._params:  # ZeRO-3 placeholder
                 self._add(f"model.{k}", "float32", self._params[k].shape)
             else:
+                self._module[k] = v
                 self._add(f"model.{k}", dtype_name(v.dtype), tuple(v.shape))
         del module, ms
         for p in self._params.values():
@@ -189,7 +298,7 @@ class DeepSpeedSource(InventorySource):
             raise SourceFormatError(f"{self.model_file}: no param_shapes to place the params")
         sizes: list[list[int]] = []  # per rank, per group: numel of the fp32 partition
         for r, f in enumerate(self.optim_files):
-            osd = _get(load_pt(f), "optimizer_state_dict", where=f)
+            osd = _get(self._load_meta(f), "optimizer_state_dict", where=f)
             stage = int(_get(osd, "zero_stage", where=f))
             if r == 0:
                 self.stage = stage
@@ -205,10 +314,17 @@ class DeepSpeedSource(InventorySource):
                     f"{f}: {len(flats)} flat groups, param_shapes has {len(groups)}"
                 )
             sizes.append([int(t.numel()) for t in flats])
-            for kind in OPTIM_KINDS[1:]:
-                got = [int(t.numel()) for t in self._kind_list(osd, kind, f)]
+            size = os.path.getsize(f)
+            locs: dict[str, list[_Loc]] = {}
+            for kind in OPTIM_KINDS:
+                ts = self._kind_list(osd, kind, f)
+                got = [int(t.numel()) for t in ts]
                 if got != sizes[-1]:
                     raise SourceFormatError(f"{f}: {kind} partitions {got} != fp32 {sizes[-1]}")
+                locs[kind] = [
+                    _locate(f, t, size, f"{kind} partition of group {g}") for g, t in enumerate(ts)
+                ]
+            self._locs.append(locs)
             if r == 0:
                 self._steps = [self._group_step(osd, g) for g in range(len(groups))]
         for g, group in enumerate(groups):
@@ -263,6 +379,14 @@ class DeepSpeedSource(InventorySource):
 
     def _group_step(self, osd: Any, g: int) -> Any:
         s = self._group_states(osd, self.optim_files[0])[g].get("step")
+        if isinstance(s, torch.Tensor):  # a meta tensor: read its one value
+            f = self.optim_files[0]
+            loc = _locate(f, s, os.path.getsize(f), f"group {g} step")
+            if loc.numel != 1:
+                raise SourceFormatError(f"{f}: group {g} step has {loc.numel} elements")
+            out = torch.empty(1, dtype=loc.dtype)
+            self._pread(loc, 0, out)
+            s = out
         return None if s is None else float(s)
 
     @classmethod
@@ -291,10 +415,9 @@ class DeepSpeedSource(InventorySource):
         info = self._infos[name]
         if name.startswith("model."):
             fqn = name.removeprefix("model.")
-            with self._mapped(self.model_file) as ms:
-                t = ms["module"][fqn]
-                t = None if t.numel() == 0 and fqn in self._params else t.clone()
-            if t is None:
+            if fqn in self._module:
+                t = self._read_module(fqn)
+            else:
                 t = self._read_flat(self._params[fqn], "fp32")
             return check_read(info, t, self.model_file)
         fqn, kind = name.removeprefix("optim.state.").rsplit(".", 1)
@@ -305,13 +428,40 @@ class DeepSpeedSource(InventorySource):
             t = self._read_flat(p, kind)
         return check_read(info, t, self.optim_files[0])
 
-    @contextmanager
-    def _mapped(self, path: str) -> Iterator[Any]:
-        obj = load_pt(path)
+    def _load_meta(self, path: str) -> Any:
+        _check_byteorder(path)
+        return load_pt(path, meta=True)
+
+    def _read_module(self, fqn: str) -> torch.Tensor:
+        m = self._module[fqn]
+        if m.is_contiguous():
+            size = os.path.getsize(self.model_file)
+            loc = _locate(self.model_file, m, size, f"module[{fqn!r}]")
+            out = torch.empty(m.shape, dtype=m.dtype)
+            self._pread(loc, 0, out.view(-1))
+            return out
+        obj = load_pt(self.model_file)  # a strided view (rare): read through a mapping
         try:
-            yield obj
+            return obj["module"][fqn].clone()
         finally:
             del obj
+
+    def _pread(self, loc: _Loc, start: int, out: torch.Tensor) -> None:
+        """Read elements ``[start, start + out.numel())`` of ``loc`` into ``out`` (1-D)."""
+        if out.numel() == 0:
+            return
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        pos = loc.offset + start * out.element_size()
+        with self._fd_lock:
+            fd = self._fds.get(loc.path)
+            if fd is None:
+                fd = self._fds[loc.path] = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
+        done = 0
+        while done < view.nbytes:
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise SourceFormatError(f"{loc.path}: ends inside a tensor (truncated?)")
+            done += n
 
     def _read_flat(self, p: _Param, kind: str) -> torch.Tensor:
         """Assemble ``p``'s ``kind`` from the ranks that hold a part of it (only those)."""
@@ -329,19 +479,21 @@ class DeepSpeedSource(InventorySource):
         for r, src_off, lo, hi in spans:
             if hi <= lo:
                 continue
-            f = self.optim_files[r]
-            with self._mapped(f) as obj:
-                osd = _get(obj, "optimizer_state_dict", where=f)
-                flat = self._kind_list(osd, kind, f)[p.group]
-                if flat.dtype != torch.float32 or src_off + hi - lo > flat.numel():
-                    raise SourceFormatError(
-                        f"{f}: {kind} partition of group {p.group} is {dtype_name(flat.dtype)}"
-                        f"[{flat.numel()}], param {p.name!r} needs float32 up to "
-                        f"{src_off + hi - lo}"
-                    )
-                out[lo:hi].copy_(flat[src_off : src_off + hi - lo])
-                del flat, osd
+            loc = self._locs[r][kind][p.group]
+            if loc.dtype != torch.float32 or src_off + hi - lo > loc.numel:
+                raise SourceFormatError(
+                    f"{loc.path}: {kind} partition of group {p.group} is "
+                    f"{dtype_name(loc.dtype)}[{loc.numel}], param {p.name!r} needs float32 "
+                    f"up to {src_off + hi - lo}"
+                )
+            self._pread(loc, src_off, out[lo:hi])
         return out.view(p.shape)
+
+    def close(self) -> None:
+        with self._fd_lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
     def fingerprint(self) -> str:
         files = [os.path.join(self.dir, f) for f in sorted(os.listdir(self.dir))]

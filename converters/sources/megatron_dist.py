@@ -156,7 +156,9 @@ class MegatronDistSource(InventorySource):
     ) -> None:
         super().__init__(path, step, workers)
         if "://" in path and not path.startswith("file://"):
-            raise SourceFormatError(f"the megatron_dist source reads local directories only: {path!r}")
+            raise SourceFormatError(
+                f"the megatron_dist source reads local directories only: {path!r}"
+            )
         self.root, self.iter_dir, iteration = _locate(path.removeprefix("file://"), step)
         self.mcore_metadata = read_mcore_metadata(self.iter_dir)
         if not os.path.isfile(os.path.join(self.iter_dir, METADATA_NAME)):
@@ -205,10 +207,15 @@ class MegatronDistSource(InventorySource):
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # a global weights_only refuses: never unpickled
-            first = str(e).strip().splitlines()
-            why = next((ln for ln in first if "Unsupported global" in ln), first[0] if first else "")
-            self._skipped.append(f"{COMMON} (not read with weights_only=True: {why.strip()})")
+        except pickle.UnpicklingError as e:
+            refused = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+            if not refused:  # a damaged file, not a refused class
+                raise SourceFormatError(
+                    f"{path}: cannot be read as a weights-only torch file "
+                    f"({str(e).splitlines()[0] if str(e) else 'UnpicklingError'})"
+                ) from None
+            # a class weights_only refuses (never unpickled): take variables elsewhere
+            self._skipped.append(f"{COMMON} (not read with weights_only=True: {refused[0]})")
             return {}
         except Exception as e:
             raise SourceFormatError(
@@ -371,12 +378,12 @@ def _stack_depth(entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> int | No
     depths = {
         shape[0]
         for fqn, (_, shape) in entries.items()
-        if fqn.startswith(STACK_PREFIX)
-        and not _LAYER_NUM.match(fqn[len(STACK_PREFIX) :])
-        and shape
+        if fqn.startswith(STACK_PREFIX) and not _LAYER_NUM.match(fqn[len(STACK_PREFIX) :]) and shape
     }
     if len(depths) > 1:
-        raise SourceFormatError(f"stacked decoder.layers.* tensors disagree on num_layers: {depths}")
+        raise SourceFormatError(
+            f"stacked decoder.layers.* tensors disagree on num_layers: {depths}"
+        )
     return depths.pop() if depths else None
 
 
@@ -443,7 +450,9 @@ def _derive_variables(virtual: Mapping[str, _Virtual], known: Mapping[str, int])
         out["hidden"] = emb[1]
         out["vocab_multiple"] = emb[0]
     layer_ids = {
-        int(k.split(".")[2]) for k in virtual if k.startswith(STACK_PREFIX) and k.split(".")[2].isdigit()
+        int(k.split(".")[2])
+        for k in virtual
+        if k.startswith(STACK_PREFIX) and k.split(".")[2].isdigit()
     }
     if layer_ids:
         out["layers"] = max(layer_ids) + 1
@@ -473,5 +482,8 @@ def _box_planner(fqn: str, offsets: tuple[int, ...], lengths: tuple[int, ...]) -
             md = self.metadata.state_dict_metadata[fqn]
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(lengths))
             return LoadPlan(create_read_items_for_chunk_list(fqn, md, [chunk]))
+
+        def lookup_tensor(self, index: Any) -> torch.Tensor:
+            return self.state_dict[index.fqn]  # the box itself; read items are box-relative
 
     return BoxLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
