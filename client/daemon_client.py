@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import torch
 
-from ckptd.daemon.shm import TrainerMappings, WriteLease
+from ckptd.daemon.shm import SnapshotReader, TrainerMappings, WriteLease
 from ckptd.daemon.transport import DataClient
 from ckptd.errors import CkptError, InvalidKeyError, StagingBudgetError
 from ckptd.rpc.v1 import daemon_pb2 as pb
@@ -63,6 +63,7 @@ class DaemonClient:
         )
         self.control = pb_grpc.ControlStub(self._channel)
         self.mappings = TrainerMappings()
+        self.reader = SnapshotReader()  # same-node loads read shared memory directly
         self._data: dict[str, DataClient] = {}
         self._lock = threading.Lock()
         self._status: pb.StatusResponse | None = None
@@ -139,4 +140,5 @@ class DaemonClient:
         for c in clients:
             c.close()
         self.mappings.close()
+        self.reader.close()
         self._channel.close()

@@ -43,6 +43,7 @@ class HeldSnapshot:
     data_address: str
     rebuilt_key: str = ""  # lost/{job}/{step}/{node}: served rebuilt by a survivor
     offset: int = 0  # of this rank's payload inside ``rebuilt_key``
+    segment_path: str = ""  # the shared-memory file, for a loader on the same node
 
     @property
     def key(self) -> str:
@@ -93,7 +94,8 @@ def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
                 log.warning("ignoring snapshot of rank %d on %s: %s", s.rank, s.node, e)
                 continue
             address = s.data_address or view.local.data_address
-            held = HeldSnapshot(desc, s.node, s.generation, address, s.key, s.offset)
+            held = HeldSnapshot(desc, s.node, s.generation, address, s.key, s.offset,
+                                s.segment_path)
             have = found.setdefault(desc.step, {}).get(desc.rank)
             if have is None or (have.rebuilt_key and not held.rebuilt_key):
                 found[desc.step][desc.rank] = held
@@ -133,10 +135,15 @@ def read_piece_rows(
     nbytes = (b - a) * row_elems * dt.itemsize
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
-        address = local_address if (local_address and held.node == client.node) else (
-            held.data_address)
-        client.data(address).get_range(held.key, start, start + nbytes,
-                                       out=memoryview(buf.numpy()))
+        local = held.node == client.node
+        if local and held.segment_path and not held.rebuilt_key:
+            # Same node: straight from the daemon's shared memory (one copy, no socket).
+            client.reader.read_into(held.segment_path, held.generation, start,
+                                    memoryview(buf.numpy()))
+        else:
+            address = local_address if (local_address and local) else held.data_address
+            client.data(address).get_range(held.key, start, start + nbytes,
+                                           out=memoryview(buf.numpy()))
     shape = (b - a, *lengths[1:]) if lengths else ()
     return buf.view(dt).view(shape)
 

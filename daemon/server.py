@@ -406,6 +406,7 @@ class Daemon:
                 os.unlink(cfg.socket_path)  # ours: prepare_socket_path removed any other
             raise
         await self.membership.start()
+        self._sweeper = asyncio.create_task(self._sweep_pins(), name="pin-sweeper")
         await self._set_serving(True)
         log.info("ckptd started", socket=cfg.socket_path, peer_port=self.peer_port,
                  metrics_port=self.metrics_port, generation=self.generation,
@@ -426,8 +427,12 @@ class Daemon:
             await self._set_serving(False)
             log.info("draining", grace_s=grace)
         await self.membership.stop()
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
         await self._close_servers(grace)
         self._close_data_servers()
+        self.blobs.close()
         protector = getattr(self, "protector", None)
         if protector is not None:
             protector.close()
@@ -494,6 +499,12 @@ class Daemon:
         await handler(job, step, node, reports)
 
     # ------------------------------------------------------------------ internals
+    async def _sweep_pins(self) -> None:
+        """Unpin snapshots the data channel stopped serving (so saves can reuse them)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.blobs.release_idle()
+
     def _start_data_servers(self) -> None:
         cfg = self.config
         token = (cfg.token.reveal() if cfg.token is not None else "unauthenticated").encode()

@@ -243,6 +243,7 @@ class SnapshotService:
             try:
                 info = w.commit(desc.to_json())
                 self._record_commit(job, state, desc, info.generation, info.nbytes, notify=True)
+                self._reserve_next(state, rank, info.nbytes)
             except BaseException as e:  # the write was superseded: nothing committed
                 log.error("snapshot commit failed", job=job, rank=rank, step=step, error=str(e))
                 self._fail(job, step, f"rank {rank}: commit failed: {e}")
@@ -251,6 +252,14 @@ class SnapshotService:
 
         threading.Thread(target=finish, name=f"ckptd-commit-{rank}", daemon=True).start()
         return done
+
+    def _reserve_next(self, state: JobState, rank: int, nbytes: int) -> None:
+        """Create (pre-fault) the rank's other buffer now, in this daemon thread, so that
+        the next save does not pay for it in its stall (first touch is ~10x a copy)."""
+        try:
+            state.store.slot(rank).reserve(nbytes)
+        except (StagingBudgetError, SnapshotError) as e:  # the next begin will say so
+            log.info("second buffer not reserved", rank=rank, reason=str(e))
 
     # ------------------------------------------------------------------ progress
     def _record_commit(self, job: str, state: JobState, desc: SnapshotDescriptor,
@@ -365,10 +374,11 @@ class SnapshotService:
                     slot = state.store._slots.get(rank)
                     if slot is None or slot.committed is None or slot.committed[0] != gen:
                         continue  # discarded or superseded since
+                    seg = slot.segments[slot.committed[1]]
                     snaps.append(pb.RankSnapshot(
                         rank=rank, step=desc.step, generation=gen, nbytes=desc.nbytes,
                         node=self.node, data_address=data_address,
-                        descriptor_json=desc.dumps()))
+                        descriptor_json=desc.dumps(), segment_path=seg.path if seg else ""))
                 steps = [p.to_pb(self.node, n, m) for _, p in sorted(state.steps.items())]
         return pb.LocalSnapshotsResponse(
             node=self.node, generation=generation, data_address=data_address,
@@ -408,9 +418,13 @@ class DaemonBlobs:
     Writes (``begin_put``) are refused: peers pull, nobody pushes into snapshots.
     """
 
+    PIN_IDLE_S = 2.0  # a snapshot being served stays pinned until idle this long
+
     def __init__(self, service: SnapshotService) -> None:
         self.service = service
         self._routes: dict[str, Any] = {}
+        self._pins: dict[str, tuple[CompleteSnapshot, float]] = {}
+        self._pin_lock = threading.Lock()
 
     def route(self, prefix: str, store: Any) -> None:
         """Serve keys ``{prefix}/...`` from ``store`` (a BlobSource)."""
@@ -420,27 +434,60 @@ class DaemonBlobs:
         sub = self._sub(key)
         if sub is not None:
             return int(sub.size(key))
-        job, rank, gen = _snap_key(key)
-        with self.service.snapshot(job, rank, gen) as snap:
-            return snap.info.nbytes
+        return self._pinned(key).info.nbytes
 
     def read(self, key: str, start: int, end: int) -> memoryview:
         sub = self._sub(key)
         if sub is not None:
             return sub.read(key, start, end)
+        snap = self._pinned(key)
+        n = snap.info.nbytes
+        if not 0 <= start <= end <= n:
+            from ckptd.daemon.datachannel import RangeError
+
+            raise RangeError(f"{key}: range [{start}, {end}) outside {n} bytes")
+        # Zero copy: the snapshot stays pinned while it is being served (see _pinned), so
+        # no new save can reuse its buffer under the bytes on their way.
+        return memoryview(snap.view().numpy())[start:end]
+
+    def _pinned(self, key: str) -> CompleteSnapshot:
+        """The snapshot of a ``snap/`` key, pinned until idle for ``PIN_IDLE_S`` (a load
+        reads it in thousands of frames: one pin, not one per frame)."""
+        now = time.monotonic()
+        with self._pin_lock:
+            for k, (s, used) in list(self._pins.items()):
+                if now - used > self.PIN_IDLE_S and k != key:
+                    del self._pins[k]
+                    s.release()
+            hit = self._pins.get(key)
+            if hit is not None:
+                self._pins[key] = (hit[0], now)
+                return hit[0]
         job, rank, gen = _snap_key(key)
         snap = self.service.snapshot(job, rank, gen)
-        try:
-            n = snap.info.nbytes
-            if not 0 <= start <= end <= n:
-                from ckptd.daemon.datachannel import RangeError
+        with self._pin_lock:
+            if key in self._pins:  # another thread pinned it meanwhile
+                snap.release()
+                return self._pins[key][0]
+            self._pins[key] = (snap, now)
+        return snap
 
-                raise RangeError(f"{key}: range [{start}, {end}) outside {n} bytes")
-            # A copy: the pin ends when this returns, and the next snapshot of this rank
-            # may then reuse the buffer while the bytes are still on their way.
-            return memoryview(bytes(snap.view()[start:end].numpy()))
-        finally:
-            snap.release()
+    def release_idle(self) -> None:
+        """Unpin snapshots nobody read for ``PIN_IDLE_S`` (called by the daemon's timer and
+        by a begin that waits for a pinned buffer)."""
+        now = time.monotonic()
+        with self._pin_lock:
+            for k, (s, used) in list(self._pins.items()):
+                if now - used > self.PIN_IDLE_S:
+                    del self._pins[k]
+                    s.release()
+
+    def close(self) -> None:
+        """Release every pin (daemon shutdown)."""
+        with self._pin_lock:
+            pins, self._pins = list(self._pins.values()), {}
+        for s, _ in pins:
+            s.release()
 
     def begin_put(self, key: str, nbytes: int) -> Any:
         raise PermissionError(f"{key}: the daemon's data channel is read-only")

@@ -490,3 +490,56 @@ def _free_bytes(directory: str) -> int:
 def unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+class SnapshotReader:
+    """Trainer side of a same-node load: read-only maps of committed snapshot buffers.
+
+    A loader on the daemon's node reads the payload straight from shared memory instead
+    of through a socket. There is no pin across processes, so every read is bracketed by
+    header checks: the buffer must be COMPLETE with exactly the expected generation before
+    *and after* the copy (a buffer reused by a new save in between fails the second
+    check: the copy is discarded, never used). Mappings are kept until :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def read_into(self, path: str, generation: int, start: int, out: memoryview) -> None:
+        """Payload bytes ``[start, start + len(out))`` of the snapshot ``generation``."""
+        mm = self._map(path)
+        self._check(mm, path, generation)
+        end = HEADER_SIZE + start + len(out)
+        if end > len(mm):
+            raise SnapshotError(f"{path}: range beyond the segment")
+        out[:] = memoryview(mm)[HEADER_SIZE + start : end]
+        self._check(mm, path, generation)
+
+    def _map(self, path: str) -> mmap.mmap:
+        mm = self._maps.get(path)
+        if mm is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                mm = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self._maps[path] = mm
+        return mm
+
+    @staticmethod
+    def _check(mm: mmap.mmap, path: str, generation: int) -> None:
+        try:
+            hdr, state = read_header(memoryview(mm)[:HEADER_SIZE])
+        except ValueError as e:
+            raise SnapshotError(f"{path}: {e}") from None
+        if state != COMPLETE or hdr.generation != generation:
+            raise SnapshotError(
+                f"{path}: holds generation {hdr.generation} ({STATE_NAMES[state]}), not the "
+                f"committed generation {generation}: the snapshot changed during the load"
+            )
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            with contextlib.suppress(BufferError):
+                mm.close()
+        self._maps.clear()

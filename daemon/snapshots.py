@@ -314,9 +314,7 @@ class Slot:
             return None
         return CompleteSnapshot(self, b, seg, info, desc)
 
-    def _check(
-        self, b: int, gen: int, verify: bool
-    ) -> tuple[Segment, SnapshotInfo, bytes]:
+    def _check(self, b: int, gen: int, verify: bool) -> tuple[Segment, SnapshotInfo, bytes]:
         """The committed snapshot in buffer ``b``, or ``ValueError`` saying what is wrong."""
         seg = self.segments[b]
         if seg is None:

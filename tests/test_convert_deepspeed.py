@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import deepspeed_fixture as fx
@@ -126,3 +127,24 @@ def test_deepspeed_root_is_detected_without_from(tmp_path: Path) -> None:
     assert detect_source(str(tmp_path / "ds")) == "deepspeed"
     r = convert(str(tmp_path / "ds"), str(tmp_path / "uni"), ConvertOptions())
     assert r.plan.source_format == "deepspeed"
+
+
+class NotAllowed:
+    """A class that is not on the DeepSpeed allow-list (module ``deepspeed_fixture``...)."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def test_unlisted_global_is_refused_and_named(tmp_path: Path) -> None:
+    fx.write_deepspeed(tmp_path / "ds", fx.tiny_state(4), stage=2, dp=2)
+    bad = tmp_path / "ds" / "global_step5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    NotAllowed.__module__ = "deepspeed_lookalike"
+    sys.modules["deepspeed_lookalike"] = sys.modules[__name__]
+    try:
+        torch.save({"optimizer_state_dict": {"loss_scaler": NotAllowed()}}, bad)
+    finally:
+        del sys.modules["deepspeed_lookalike"]
+        NotAllowed.__module__ = __name__
+    with pytest.raises(UnsafePickleError, match=r"global deepspeed_lookalike\.NotAllowed"):
+        DeepSpeedSource(str(tmp_path / "ds"))

@@ -19,12 +19,9 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import TOKEN, Node, make_nodes, wait_until
-from models_tiny import assert_local
 from mp_harness import Proc, run
-from test_daemon_snapshots import STEP, _save_with_trainers
-from test_multiproc_layouts import _lookup, _zero_state
+from test_daemon_snapshots import STEP, _save_with_trainers, load_and_check
 
-import ckpt
 from ckpt.daemon_client import DaemonClient, job_id_for
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -49,21 +46,9 @@ def group() -> Iterator[list[Node]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _load_and_check(rank: int, world: int, root: str, sockets: list[str], source: str,
-                    step: int = STEP, save_next: bool = False) -> None:
-    ckpt.configure(daemon_socket=sockets[rank % len(sockets)], daemon_token=TOKEN)
-    state, layout, expect = _zero_state(1, rank, world, load=True)
-    res = ckpt.load(state, root, strict=True, layout=layout)
-    assert res.source == source and res.step == step, res
-    for key, (want, pad) in expect.items():
-        assert_local(_lookup(state, key), want, pad, f"dp rank {rank}/{world} ({source}): {key}")
-    if save_next:  # the restarted job goes on and saves through its (new) group
-        ckpt.save(state, step + 1, root, layout=layout)  # waits until committed
-
-
 def _restore(p: Proc, world: int, root: str, sockets: list[str], source: str,
              step: int = STEP, save_next: bool = False) -> None:
-    p.phase(world, _load_and_check, root, sockets, source, step, save_next)
+    p.phase(world, load_and_check, root, sockets, source, step, save_next)
 
 
 def _kill(node: Node) -> None:

@@ -2,9 +2,9 @@
 
 Real daemon processes on 127.0.0.1 (two "nodes"), real trainer processes in a gloo
 group that are SIGKILLed after saving, restores under another layout from the daemons'
-shared memory, daemon restarts with re-adoption, memory-budget errors. Storage is never
-written here (no persistence root is reachable), so a successful load can only have come
-from memory.
+shared memory (``LoadResult.source`` says where every load came from), daemon restarts
+with re-adoption, memory-budget errors, persistence with one coordinator commit, a
+daemon killed while persisting, status and metrics.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_harness import TOKEN, Node, clean_env, free_port, make_nodes, wait_until
+from models_tiny import assert_local
 from mp_harness import Proc, run
-from test_multiproc_layouts import _zero_canonical, _zero_load
+from test_multiproc_layouts import _lookup, _zero_canonical, _zero_load, _zero_state
 
 import ckpt
 from ckptd.errors import StagingBudgetError
@@ -89,8 +90,21 @@ def _save_with_trainers(cluster: list[Node], world: int, root: str, stage: int =
 
 
 def _load_via(rank: int, world: int, root: str, sockets: list[str], stage: int) -> None:
+    load_and_check(rank, world, root, sockets, "memory", stage=stage)
+
+
+def load_and_check(rank: int, world: int, root: str, sockets: list[str], source: str,
+                   step: int = STEP, save_next: bool = False, stage: int = 1) -> None:
+    """Load the ZeRO state of step ``step`` through rank's daemon; check where it came
+    from and every local tensor; optionally save the next step (waits until committed)."""
     ckpt.configure(daemon_socket=sockets[rank % len(sockets)], daemon_token=TOKEN)
-    _zero_load(rank, world, root, stage)
+    state, layout, expect = _zero_state(stage, rank, world, load=True)
+    res = ckpt.load(state, root, strict=True, layout=layout)
+    assert res.source == source and res.step == step, res
+    for key, (want, pad) in expect.items():
+        assert_local(_lookup(state, key), want, pad, f"dp rank {rank}/{world} ({source}): {key}")
+    if save_next:  # the restarted job goes on and saves through its (new) group
+        ckpt.save(state, step + 1, root, layout=layout)
 
 
 def _load_storage(rank: int, world: int, root: str, stage: int) -> None:
@@ -104,7 +118,7 @@ def _storage_body(p: Proc, root: str, stage: int) -> None:
 
 def _canonical_via(root: str, socket_path: str, stage: int) -> None:
     ckpt.configure(daemon_socket=socket_path, daemon_token=TOKEN)
-    _zero_canonical(root, stage)
+    _zero_canonical(root, stage)  # one process: its daemon holds only half the ranks
 
 
 def _restore_body(p: Proc, root: str, sockets: list[str], stage: int) -> None:
@@ -113,15 +127,14 @@ def _restore_body(p: Proc, root: str, sockets: list[str], stage: int) -> None:
 
 
 def test_trainer_crash_then_restore_other_layout_from_memory(nodes: list[Node]) -> None:
-    root = str(Path(nodes[0].root).parent / "never-written")
-    _save_with_trainers(nodes, 4, root)
-    assert not os.path.exists(root)  # nothing reached storage: memory is the only source
+    root = str(Path(nodes[0].root).parent / "ckpt")
+    _save_with_trainers(nodes, 4, root)  # then SIGKILLed: the daemons own the snapshots
     sockets = [n.socket_path for n in nodes]
     run(_restore_body, 2, (root, sockets, 1), timeout=120)
 
 
 def test_daemon_restart_readopts_snapshots(nodes: list[Node]) -> None:
-    root = str(Path(nodes[0].root).parent / "never-written")
+    root = str(Path(nodes[0].root).parent / "ckpt")
     _save_with_trainers(nodes, 4, root, stage=3)
     for n in nodes:  # one clean stop, one SIGKILL: both must keep the snapshots
         if n is nodes[0]:

@@ -94,7 +94,7 @@ class UniversalTarget(Target):
                 st,
                 opts.step,
                 CodecPolicy(codec=opts.codec),
-                WriterOptions(workers=opts.workers, max_inflight_bytes=256 << 20),
+                WriterOptions(workers=opts.workers, max_inflight_bytes=64 << 20),
                 fingerprint=fingerprint,
                 on_durable=lambda name: on_done(name, nbytes[name], False),
             )

@@ -517,6 +517,7 @@ class RankSnapshot(_message.Message):
     DESCRIPTOR_JSON_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    SEGMENT_PATH_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     step: _builtins.int
     generation: _builtins.int
@@ -530,6 +531,10 @@ class RankSnapshot(_message.Message):
     node's rank is served rebuilt as lost/{job}/{step}/{node}, this rank at `offset`.
     """
     offset: _builtins.int
+    segment_path: _builtins.str
+    """The shared-memory file holding this snapshot (same-node loaders map it read-only);
+    empty for rebuilt entries.
+    """
     def __init__(
         self,
         *,
@@ -542,10 +547,11 @@ class RankSnapshot(_message.Message):
         descriptor_json: _builtins.bytes = ...,
         key: _builtins.str = ...,
         offset: _builtins.int = ...,
+        segment_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "descriptor_json", b"descriptor_json", "generation", b"generation", "key", b"key", "nbytes", b"nbytes", "node", b"node", "offset", b"offset", "rank", b"rank", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "descriptor_json", b"descriptor_json", "generation", b"generation", "key", b"key", "nbytes", b"nbytes", "node", b"node", "offset", b"offset", "rank", b"rank", "segment_path", b"segment_path", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
