@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from ckptd.snapshot import PayloadPiece, SnapshotDescriptor
 
 log = logging.getLogger("ckpt.load")
 FETCH_BYTES = 64 << 20
+SPREAD_BYTES = 16 << 20  # granularity at which rebuilt reads alternate between survivors
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class HeldSnapshot:
     rebuilt_key: str = ""  # lost/{job}/{step}/{node}: served rebuilt by a survivor
     offset: int = 0  # of this rank's payload inside ``rebuilt_key``
     segment_path: str = ""  # the shared-memory file, for a loader on the same node
+    # Every survivor can rebuild a lost rank: reads are spread over all of them.
+    rebuild_addresses: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -95,10 +98,13 @@ def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
                 continue
             address = s.data_address or view.local.data_address
             held = HeldSnapshot(desc, s.node, s.generation, address, s.key, s.offset,
-                                s.segment_path)
+                                s.segment_path, (address,) if s.key else ())
             have = found.setdefault(desc.step, {}).get(desc.rank)
             if have is None or (have.rebuilt_key and not held.rebuilt_key):
                 found[desc.step][desc.rank] = held
+            elif have.rebuilt_key and held.rebuilt_key and address not in have.rebuild_addresses:
+                found[desc.step][desc.rank] = replace(
+                    have, rebuild_addresses=(*have.rebuild_addresses, address))
             worlds.setdefault(desc.step, desc.world)
     out = {}
     for step, held_by_rank in found.items():
@@ -135,17 +141,24 @@ def read_piece_rows(
     nbytes = (b - a) * row_elems * dt.itemsize
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
+        out = memoryview(buf.numpy())
         local = held.node == client.node
         if local and held.segment_path and not held.rebuilt_key:
             # Same node: straight from the daemon's shared memory (one copy, no socket).
-            client.reader.read_into(held.segment_path, held.generation, start,
-                                    memoryview(buf.numpy()))
+            client.reader.read_into(held.segment_path, held.generation, start, out)
         else:
-            address = local_address if (local_address and local) else held.data_address
-            client.data(address).get_range(held.key, start, start + nbytes,
-                                           out=memoryview(buf.numpy()))
+            client.data(_address(held, local, local_address, start)).get_range(
+                held.key, start, start + nbytes, out=out)
     shape = (b - a, *lengths[1:]) if lengths else ()
     return buf.view(dt).view(shape)
+
+
+def _address(held: HeldSnapshot, local: bool, local_address: str | None, start: int) -> str:
+    """Which daemon serves a read: any survivor for a rebuilt rank (decoding costs the
+    serving daemon CPU, so slices are spread over all of them), else the holder."""
+    if held.rebuilt_key and held.rebuild_addresses:
+        return held.rebuild_addresses[(start // SPREAD_BYTES) % len(held.rebuild_addresses)]
+    return local_address if (local_address and local) else held.data_address
 
 
 def execute_read(

@@ -125,7 +125,7 @@ class Saver:
             DaemonClient(config.daemon_socket, config.daemon_token)
             if config.daemon_socket else None
         )
-        self._descriptors: dict[tuple[int, tuple[str, ...], str, str], dict[str, Any]] = {}
+        self._descriptors: dict[tuple[int, tuple[str, ...], str, str], bytes] = {}
 
     # ------------------------------------------------------------------ caller's thread
     def save(
@@ -227,8 +227,9 @@ class Saver:
                 dst.view(src.shape).copy_(src)
         finally:
             del buf  # the mapping stays (reused); no view of it outlives the copy
-        desc = {**static, "step": step, "rng": rng, "objects": objects}
-        self.daemon.commit(lease, json.dumps(desc, separators=(",", ":")).encode())
+        # The plan's part is encoded once per plan (static); only these fields change.
+        tail = json.dumps({"step": step, "rng": rng, "objects": objects}, separators=(",", ":"))
+        self.daemon.commit(lease, static + b"," + tail[1:].encode())
         stall = time.perf_counter() - t0
         fut = self._worker.submit(self._await_daemon, job, step, root, nbytes, t0, stall)
         handle = SaveHandle(step, fut, stall)
@@ -240,9 +241,10 @@ class Saver:
 
     def _descriptor_static(
         self, entry: PlanEntry, nodes: tuple[str, ...], root: str, job: str, coords: str
-    ) -> dict[str, Any]:
-        """The descriptor fields that only change with the plan (cached: JSON of a large
-        plan costs milliseconds that would otherwise be in every stall)."""
+    ) -> bytes:
+        """The descriptor fields that only change with the plan, as the JSON text of an
+        object without its closing brace (cached: encoding a large plan costs
+        milliseconds that would otherwise be in every stall)."""
         key = (id(entry), nodes, root, job)
         hit = self._descriptors.get(key)
         if hit is None:
@@ -250,7 +252,10 @@ class Saver:
                 entry.plan, self.ctx.rank, entry.layouts, entry.records, job=job, step=0,
                 nodes=nodes, root=root, digest=layouts_digest(entry.layouts),
             )
-            hit = desc.to_json()
+            obj = desc.to_json()
+            for k in ("step", "rng", "objects"):  # per save: appended by _save_to_daemon
+                obj.pop(k)
+            hit = json.dumps(obj, separators=(",", ":")).encode()[:-1]  # open: no "}"
             self._descriptors = {key: hit}  # one plan at a time, like the plan cache
         return hit
 

@@ -486,7 +486,13 @@ class DataServer:
         pos = start
         while True:
             n = min(self.frame_size, end - pos)
-            view = self.store.read(key, pos, pos + n)
+            try:
+                view = self.store.read(key, pos, pos + n)
+            except Exception as exc:
+                # Mid-stream: the client checks every frame's op, so it raises the store's
+                # typed error (e.g. a rebuild that lost its quorum) instead of a lost peer.
+                conn.send_error(code_for(exc), f"get {key!r}: {describe(exc)}")
+                return
             crc = crc32c.crc32c(view)
             if self.faults and self.faults.corrupt_get and n:
                 corrupted = bytearray(view)

@@ -373,7 +373,8 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
                   fetch_block: FetchBlock, fetch_parity: FetchParity, codec: ErasureCodec,
                   report: dict[tuple[int, int], str] | None = None, *, generation: int,
                   step: int | None = None, unavailable: Sequence[str] = (),
-                  headers: dict[tuple[int, int], _Parity] | None = None) -> None:
+                  headers: dict[tuple[int, int], _Parity] | None = None,
+                  pool: ThreadPoolExecutor | None = None) -> None:
     """Bytes ``[start, end)`` of ``lost_node``'s payload into ``out`` (a writable buffer).
 
     Per piece of each stripe involved: k valid shards (data blocks of other members first,
@@ -394,7 +395,11 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
         raise ValueError(f"out holds {len(dst)} bytes, {end - start} needed")
     cache = headers if headers is not None else {}
     bufs: dict[int, np.ndarray] = {}  # per shard index, reused across pieces and stripes
-    with ThreadPoolExecutor(geometry.k, thread_name_prefix="ckptd-rebuild") as pool:
+    own = pool is None
+    if own:
+        pool = ThreadPoolExecutor(geometry.k, thread_name_prefix="ckptd-rebuild")
+    assert pool is not None
+    try:
         for span in geometry.spans(lost_node, start, end):
             st = _Stripe(geometry, span.stripe, lost_node, set(unavailable), generation, step,
                          fetch_block, fetch_parity, cache, pool, bufs)
@@ -408,6 +413,9 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
                 st.rebuild_piece(codec, span.block, t, dst[o : o + b - a], a - lo)
             if report is not None:
                 report.update({(span.stripe, s): r for s, r in st.bad.items()})
+    finally:
+        if own:
+            pool.shutdown(wait=True)
 
 
 class _Stripe:
@@ -615,6 +623,9 @@ class ProtectionBlobStore:
         self._codecs: dict[tuple[int, int], ErasureCodec] = {}
         self._headers: dict[tuple[str, int, int], dict[tuple[int, int], _Parity]] = {}
         self._down: dict[str, float] = {}
+        self._probed: dict[tuple[str, int, str, int], float] = {}
+        # One pool for every rebuild this store serves (not one per 4 MiB frame).
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="ckptd-rebuild")
         self._lock = threading.Lock()
 
     # -- registration (the daemon's protection loop)
@@ -682,7 +693,8 @@ class ProtectionBlobStore:
             cache = self._headers.setdefault((job, step, generation), {})
         rebuild_range(geometry, lost, start, end, out, self._fetch_block(job, step),
                       self._fetch_parity(job, step), self.codec(geometry.k, geometry.m),
-                      generation=generation, step=step, unavailable=[lost], headers=cache)
+                      generation=generation, step=step, unavailable=[lost], headers=cache,
+                      pool=self._pool)
         return memoryview(out)
 
     def begin_put(self, key: str, nbytes: int) -> Any:
@@ -743,12 +755,25 @@ class ProtectionBlobStore:
         raise KeyError(f"node {self.node} holds no parity of job {job} step {step}: it cannot "
                        "rebuild a lost member's data")
 
+    PROBE_TTL_S = 5.0  # a loader sends a size() before every range: probe once, not each
+
     def _probe(self, job: str, step: int, lost: str, geometry: StripeGeometry,
                generation: int) -> None:
         """``RebuildError`` unless every stripe of ``lost``'s data has k shards that answer
-        (parity headers read and checked, data blocks stat'ed); pieces are checked later."""
+        (parity headers read and checked, data blocks stat'ed); pieces are checked later.
+        A successful probe is trusted for ``PROBE_TTL_S`` (reads still check every piece)."""
+        key = (job, step, lost, generation)
+        now = time.monotonic()
         with self._lock:
+            if self._probed.get(key, 0.0) > now:
+                return
             cache = self._headers.setdefault((job, step, generation), {})
+        self._probe_stripes(job, step, lost, geometry, generation, cache)
+        with self._lock:
+            self._probed[key] = time.monotonic() + self.PROBE_TTL_S
+
+    def _probe_stripes(self, job: str, step: int, lost: str, geometry: StripeGeometry,
+                       generation: int, cache: dict[tuple[int, int], _Parity]) -> None:
         for j, _ in geometry.data_blocks(lost):
             st = _Stripe(geometry, j, lost, {lost}, generation, step, self._fetch_block(job, step),
                          self._fetch_parity(job, step), cache, None, {})

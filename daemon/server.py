@@ -344,7 +344,7 @@ class Daemon:
         self.peer_port = 0
         self.metrics_port = 0
         self.snapshots = SnapshotService(config.node_name, config.shm_dir,
-                                         config.memory_budget_bytes)
+                                         config.memory_budget_bytes, group=config.socket_group)
         self.snapshots.metrics = self.metrics
         self.blobs = DaemonBlobs(self.snapshots)
         self.data_servers: list[DataServer] = []

@@ -123,8 +123,9 @@ class SnapshotService:
     """
 
     def __init__(self, node: str, shm_dir: str, budget_bytes: int,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, group: int | None = None) -> None:
         self.node = node
+        self.group = group  # socket_group: trainers of this gid map the buffers too
         self.shm_dir = shm_dir
         self.budget_bytes = budget_bytes
         self.jobs: dict[str, JobState] = {}
@@ -213,22 +214,17 @@ class SnapshotService:
 
     def commit(self, job: str, rank: int, step: int, generation: int,
                descriptor: bytes) -> threading.Event:
-        """Check the descriptor against the open write and commit it in a daemon thread.
+        """Hand the open write over to a daemon thread that checks the descriptor and
+        commits it; returns the event set when that finished.
 
-        Returns the event set when the commit finished (the trainer does not wait for it).
+        The RPC (the end of the trainer's stall) does not wait for the parse (~ms per
+        thousand tensors), the payload CRC or the record: a descriptor that does not match
+        its lease fails the commit there, and the step with it (``WaitStep`` says why).
         """
-        desc = SnapshotDescriptor.loads(descriptor)
-        if (desc.job, desc.rank, desc.step) != (job, rank, step):
-            raise InvalidKeyError(f"descriptor is for job {desc.job} rank {desc.rank} step "
-                                  f"{desc.step}, the commit for job {job} rank {rank} step {step}")
-        if desc.nodes[rank] != self.node:
-            raise InvalidKeyError(f"descriptor places rank {rank} on node {desc.nodes[rank]!r}, "
-                                  f"this daemon is {self.node!r}")
         w = self.writer(job, rank, generation)
-        if w.header.step != step or desc.nbytes > w.header.length:
-            raise InvalidKeyError(f"rank {rank}: descriptor needs {desc.nbytes} bytes of step "
-                                  f"{step}, the lease is {w.header.length} bytes of step "
-                                  f"{w.header.step}")
+        if w.header.step != step:
+            raise InvalidKeyError(f"rank {rank}: the lease is of step {w.header.step}, the "
+                                  f"commit of step {step}")
         state = self._job(job)
         assert state is not None
         begun = self._begun.pop((job, rank), None)
@@ -241,10 +237,13 @@ class SnapshotService:
 
         def finish() -> None:
             try:
-                info = w.commit(desc.to_json())
+                desc = self._checked(descriptor, job, rank, step, w.header.length)
+                info = w.commit(descriptor)
                 self._record_commit(job, state, desc, info.generation, info.nbytes, notify=True)
                 self._reserve_next(state, rank, info.nbytes)
-            except BaseException as e:  # the write was superseded: nothing committed
+            except BaseException as e:  # nothing committed; the last snapshot stays
+                if w.open:
+                    w.abort()
                 log.error("snapshot commit failed", job=job, rank=rank, step=step, error=str(e))
                 self._fail(job, step, f"rank {rank}: commit failed: {e}")
             finally:
@@ -252,6 +251,21 @@ class SnapshotService:
 
         threading.Thread(target=finish, name=f"ckptd-commit-{rank}", daemon=True).start()
         return done
+
+    def _checked(self, descriptor: bytes, job: str, rank: int, step: int,
+                 length: int) -> SnapshotDescriptor:
+        """The parsed descriptor if it is the one of this lease; ``InvalidKeyError`` else."""
+        desc = SnapshotDescriptor.loads(descriptor)
+        if (desc.job, desc.rank, desc.step) != (job, rank, step):
+            raise InvalidKeyError(f"descriptor is for job {desc.job} rank {desc.rank} step "
+                                  f"{desc.step}, the commit for job {job} rank {rank} step {step}")
+        if desc.nodes[rank] != self.node:
+            raise InvalidKeyError(f"descriptor places rank {rank} on node {desc.nodes[rank]!r}, "
+                                  f"this daemon is {self.node!r}")
+        if desc.nbytes > length:
+            raise InvalidKeyError(f"rank {rank}: descriptor needs {desc.nbytes} bytes, the "
+                                  f"lease is {length} bytes")
+        return desc
 
     def _reserve_next(self, state: JobState, rank: int, nbytes: int) -> None:
         """Create (pre-fault) the rank's other buffer now, in this daemon thread, so that
@@ -405,7 +419,7 @@ class SnapshotService:
             state = self.jobs.get(job)
             if state is None and create:
                 check_job_id(job)
-                store = SnapshotStore(self.shm_dir, job, self.budget_bytes)
+                store = SnapshotStore(self.shm_dir, job, self.budget_bytes, group=self.group)
                 state = self.jobs[job] = JobState(store)
             return state
 

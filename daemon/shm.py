@@ -154,11 +154,18 @@ class Segment:
         self._mv = memoryview(mm)
 
     @classmethod
-    def create(cls, path: str, capacity: int) -> Segment:
-        """A new file of ``HEADER_SIZE + capacity`` bytes, allocated and pre-faulted."""
+    def create(cls, path: str, capacity: int, group: int | None = None) -> Segment:
+        """A new file of ``HEADER_SIZE + capacity`` bytes, allocated and pre-faulted.
+
+        ``group``: a gid whose members (trainers running as another uid) may map it
+        read-write (mode 0660); otherwise only the daemon's uid (0600).
+        """
         size = HEADER_SIZE + capacity
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            if group is not None:
+                os.fchown(fd, -1, group)
+                os.fchmod(fd, 0o660)
             os.ftruncate(fd, size)
             _fallocate(fd, size, path)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
@@ -374,8 +381,11 @@ class TrainerMappings:
                 cur[2].close()
 
 
-def json_descriptor(descriptor: dict[str, Any]) -> bytes:
-    """The stored form of a descriptor: compact JSON (no pickle: it may cross sockets)."""
+def json_descriptor(descriptor: dict[str, Any] | bytes) -> bytes:
+    """The stored form of a descriptor: compact JSON (no pickle: it may cross sockets).
+    Bytes are taken as already-encoded JSON of an object (checked by the caller)."""
+    if isinstance(descriptor, bytes):
+        return descriptor
     if not isinstance(descriptor, dict):
         raise TypeError(f"descriptor must be a dict, got {type(descriptor).__name__}")
     return json.dumps(descriptor, separators=(",", ":"), allow_nan=False).encode()

@@ -122,7 +122,9 @@ class WritableSnapshot:
         """uint8 tensor of ``lease.nbytes`` over the buffer (the daemon's own mapping)."""
         return self._seg.tensor(self.header.length)
 
-    def commit(self, descriptor: dict[str, Any], payload_crc: int | None = None) -> SnapshotInfo:
+    def commit(
+        self, descriptor: dict[str, Any] | bytes, payload_crc: int | None = None
+    ) -> SnapshotInfo:
         """Make this the slot's last committed snapshot (see the module docstring's order).
 
         ``payload_crc``: the writer's CRC32C of the payload if it computed one while
@@ -234,7 +236,7 @@ class Slot:
             self._write_record()
         name = shm.segment_name(self.store.job_id, self.rank, b, serial)
         try:
-            seg = Segment.create(os.path.join(self.store.root, name), cap)
+            seg = Segment.create(os.path.join(self.store.root, name), cap, self.store.group)
         except BaseException:
             self.store._account(-(HEADER_SIZE + cap))
             raise
@@ -381,7 +383,8 @@ class SnapshotStore:
     """Every slot of one job on this node, under one memory budget (see the module doc)."""
 
     def __init__(
-        self, root: str | os.PathLike[str], job_id: str, budget_bytes: int, growth: float = 1.5
+        self, root: str | os.PathLike[str], job_id: str, budget_bytes: int, growth: float = 1.5,
+        group: int | None = None,
     ) -> None:
         if budget_bytes <= 0 or growth < 1.0:
             raise ValueError(f"need budget_bytes > 0 and growth >= 1, got {budget_bytes}, {growth}")
@@ -390,7 +393,11 @@ class SnapshotStore:
         self.budget_bytes = budget_bytes
         self.growth = growth
         self.discarded: list[Discarded] = []  # everything thrown away, with the reason
+        self.group = group  # trainers of this gid may map the buffers (0660, dir 0750)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if group is not None:
+            os.chown(self.root, -1, group)
+            os.chmod(self.root, 0o750)
         self._names = re.compile(
             re.escape(f"{PREFIX}{job_id}.r") + r"(\d+)\.(slot(?:\.tmp)?|b[01]\.[0-9a-f]+)"
         )

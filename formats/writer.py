@@ -92,8 +92,18 @@ class CheckpointWriter:
         self._batch.put(f"{self._prefix}{rec.name}/zarr.json", array_metadata_bytes(rec))
 
     def submit(self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor) -> None:
-        """Queue one chunk (its data must stay valid until :meth:`finish` returns)."""
+        """Queue one chunk (its data must stay valid until :meth:`finish` returns).
+
+        Chunks of packed (small) tensors are encoded here, in the caller's order, so that
+        a pack's layout does not depend on thread timing: the same save writes the same
+        bytes (they are at most ``small_tensor_bytes`` each, so this is cheap).
+        """
         nbytes = chunk.numel() * chunk.element_size()
+        if rec.packed:
+            with self._budget:
+                self._inflight += nbytes
+            self._write(rec, index, chunk, nbytes)
+            return
         with self._budget:
             while self._inflight and self._inflight + nbytes > self._options.max_inflight_bytes:
                 self._budget.wait()

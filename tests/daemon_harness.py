@@ -3,15 +3,17 @@ control, health checks. Every wait is bounded by a deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,3 +171,29 @@ def make_nodes(base: Path, count: int, **overrides: Any) -> list[Node]:
             **overrides,
         }
     return nodes
+
+
+@contextlib.contextmanager
+def daemon_cluster(count: int, start: int | None = None, prefix: str = "ckn-",
+                   **overrides: Any) -> Iterator[list[Node]]:
+    """``count`` daemons that list each other (the first ``start`` of them running and
+    ready; default all), persisting wherever the trainers say; stopped and removed after.
+
+    ``overrides`` replace top-level config keys (e.g. ``erasure={"n": 4, "m": 2}``).
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: socket paths
+    cluster = make_nodes(base, count, **overrides)
+    for n in cluster:
+        n.config["persistence"] = {"root_url": None}
+        n.config["data"] = {"port": 0}
+    try:
+        running = cluster[: count if start is None else start]
+        for n in running:
+            n.start()
+        for n in running:
+            n.wait_ready()
+        yield cluster
+    finally:
+        for n in cluster:
+            n.stop()
+        shutil.rmtree(base, ignore_errors=True)

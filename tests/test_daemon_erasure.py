@@ -11,14 +11,12 @@ persisted checkpoint and says so.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import TOKEN, Node, make_nodes, wait_until
+from daemon_harness import TOKEN, Node, daemon_cluster, wait_until
 from mp_harness import Proc, run
 from test_daemon_snapshots import STEP, _save_with_trainers, load_and_check
 
@@ -29,21 +27,9 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 @pytest.fixture
 def group() -> Iterator[list[Node]]:
-    base = Path(tempfile.mkdtemp(prefix="cke-", dir="/tmp"))
-    cluster = make_nodes(base, 4, erasure={"n": 4, "m": 2})
-    for n in cluster:
-        n.config["persistence"] = {"root_url": None}
-        n.config["data"] = {"port": 0}
-    try:
-        for n in cluster:
-            n.start()
-        for n in cluster:
-            n.wait_ready()
+    """Four running daemons, one erasure group with n = 4, m = 2."""
+    with daemon_cluster(4, prefix="cke-", erasure={"n": 4, "m": 2}) as cluster:
         yield cluster
-    finally:
-        for n in cluster:
-            n.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _restore(p: Proc, world: int, root: str, sockets: list[str], source: str,
@@ -85,17 +71,9 @@ def test_lose_one_two_then_three_nodes_of_a_group(group: list[Node], tmp_path: P
 
 
 def test_replacement_node_takes_the_lost_nodes_place(tmp_path: Path) -> None:
-    base = Path(tempfile.mkdtemp(prefix="ckr-", dir="/tmp"))
-    cluster = make_nodes(base, 5, erasure={"n": 4, "m": 2})  # node-4: the spare
-    for n in cluster:
-        n.config["persistence"] = {"root_url": None}
-        n.config["data"] = {"port": 0}
     root = str(tmp_path / "ckpt")
-    try:
-        for n in cluster[:4]:
-            n.start()
-        for n in cluster[:4]:
-            n.wait_ready()
+    # node-4 is the spare: in every peer list, started only once node-3 is lost.
+    with daemon_cluster(5, start=4, prefix="ckr-", erasure={"n": 4, "m": 2}) as cluster:
         _save_with_trainers(cluster[:4], 4, root, wait="committed")
         _kill(cluster[3])
         cluster[4].start()  # the replacement joins (it is in every peer list)
@@ -120,10 +98,6 @@ def test_replacement_node_takes_the_lost_nodes_place(tmp_path: Path) -> None:
                    20, "losses seen")
         run(_restore, 2, (2, root, [cluster[0].socket_path, cluster[2].socket_path], "memory",
                           STEP + 1), timeout=120)
-    finally:
-        for n in cluster:
-            n.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _sees_down(node: Node, other: str, lost: bool = False) -> bool:

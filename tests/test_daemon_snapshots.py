@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from daemon_harness import TOKEN, Node, clean_env, free_port, make_nodes, wait_until
+from daemon_harness import TOKEN, Node, clean_env, daemon_cluster, free_port, wait_until
 from models_tiny import assert_local
 from mp_harness import Proc, run
 from test_multiproc_layouts import _lookup, _zero_canonical, _zero_load, _zero_state
@@ -36,23 +35,8 @@ STEP = 11
 @pytest.fixture
 def nodes() -> Iterator[list[Node]]:
     """Two running daemons that know each other (erasure off: m = 0)."""
-    base = Path(tempfile.mkdtemp(prefix="cks-", dir="/tmp"))
-    cluster = make_nodes(base, 2, erasure={"n": 2, "m": 0})
-    for n in cluster:
-        n.config["persistence"] = {"root_url": None}
-        n.config["data"] = {"port": 0}
-    try:
-        for n in cluster:
-            n.start()
-        for n in cluster:
-            n.wait_ready()
+    with daemon_cluster(2, prefix="cks-", erasure={"n": 2, "m": 0}) as cluster:
         yield cluster
-    finally:
-        for n in cluster:
-            n.stop()
-        import shutil
-
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _save_with_trainers(cluster: list[Node], world: int, root: str, stage: int = 1,
@@ -165,21 +149,14 @@ def _budget(socket_path: str, root: str) -> None:
     assert torch.equal(got["w"], small["w"])
 
 
-def test_memory_budget_exceeded_is_a_clear_error_and_keeps_the_last_snapshot() -> None:
-    base = Path(tempfile.mkdtemp(prefix="ckb-", dir="/tmp"))
-    (node,) = make_nodes(base, 1, erasure={"n": 1, "m": 0})
-    node.config["memory"]["budget_bytes"] = "8MiB"
-    node.config["persistence"] = {"root_url": None}
-    node.config["data"] = {"port": 0}
-    try:
+def test_memory_budget_exceeded_is_a_clear_error_and_keeps_the_last_snapshot(
+    tmp_path: Path,
+) -> None:
+    with daemon_cluster(1, start=0, prefix="ckb-", erasure={"n": 1, "m": 0}) as (node,):
+        node.config["memory"]["budget_bytes"] = "8MiB"
         node.start()
         node.wait_ready()
-        run(lambda_free_solo, 1, (node.socket_path, str(base / "ckpt")), timeout=60)
-    finally:
-        node.stop()
-        import shutil
-
-        shutil.rmtree(base, ignore_errors=True)
+        run(lambda_free_solo, 1, (node.socket_path, str(tmp_path / "ckpt")), timeout=60)
 
 
 def lambda_free_solo(p: Proc, socket_path: str, root: str) -> None:

@@ -192,3 +192,28 @@ def test_daemon_sockets_follow_socket_group(short_tmp: Path, group: str | None) 
                 assert member == (0 if gid is not None else errno.EACCES), (path, member)
     finally:
         node.stop()
+
+
+def test_snapshot_buffers_follow_the_socket_group(tmp_path: Path) -> None:
+    """With a group, trainers of that gid can map the shared-memory buffers to save."""
+    from ckptd.daemon.snapshots import SnapshotStore
+
+    gid = os.getgid()
+    store = SnapshotStore(tmp_path / "shm", "job-g", 1 << 20, group=gid)
+    try:
+        w = store.slot(0).begin(1, 4096)
+        st = os.stat(w.lease.path)
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, gid)
+        d = os.stat(tmp_path / "shm")
+        assert (d.st_mode & 0o777, d.st_gid) == (0o750, gid)
+        w.abort()
+    finally:
+        store.close(unlink=True)
+    private = SnapshotStore(tmp_path / "shm2", "job-p", 1 << 20)
+    try:
+        w = private.slot(0).begin(1, 4096)
+        assert os.stat(w.lease.path).st_mode & 0o777 == 0o600
+        assert os.stat(tmp_path / "shm2").st_mode & 0o777 == 0o700
+        w.abort()
+    finally:
+        private.close(unlink=True)

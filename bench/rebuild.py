@@ -1,0 +1,183 @@
+"""Restore after losing a node: erasure-rebuilt from the surviving daemons vs from disk.
+
+    python bench/rebuild.py --node-gib 1 --repeats 3 --out bench/results/rebuild.json
+
+Three real ``ckptd`` daemons (``node-0..2``, one erasure group, n = 3, m = 1: k = 2 data
+blocks per stripe, parity on the third member) and a 3-rank gloo job, one rank per node,
+each saving ``--node-gib`` of a mixed-precision state (its own shard: a ZeRO-3-like
+layout, every rank's tensors distinct) through its node's daemon, then waiting until the
+step is protected and committed to local disk. The trainers exit and ``node-0``'s daemon
+is SIGKILLed: the node and its shared memory are lost.
+
+A restarted 3-rank job (ranks on node-1, node-2, node-1: node-0 is gone) then loads the
+step, every repeat, from:
+
+* **memory**: rank 0's shard rebuilt on the fly by a survivor (``lost/...``: it pulls
+  the k surviving blocks of each stripe and decodes them); ranks 1 and 2 read their own
+  node's shared memory;
+* **disk**: the persisted checkpoint (``load_from_memory=False``), page cache dropped
+  before every load (``echo 3 > /proc/sys/vm/drop_caches`` as root).
+
+The figure is the job's restore time (the slowest rank) and rank 0's own time (the lost
+node's shard). Every load is checked against per-tensor checksums. Everything started is
+stopped and removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from save_load import GIB, fingerprint, med, mutate, state_nbytes
+
+from daemon import TOKEN, Daemon, build_state, drop_caches, free_port
+
+STEP = 100
+
+
+def _shard(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank-distinct names: every rank's tensors are its own logical tensors."""
+    return {f"r{rank}": state}
+
+
+def _rank(rank: int, world: int, port: int, a: dict[str, Any], out: dict[int, Any]) -> None:
+    import torch.distributed as dist
+
+    import ckpt
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        sock = a["sockets"][rank]
+        ckpt.configure(daemon_socket=sock, daemon_token=TOKEN, daemon_wait="committed",
+                       read_workers=4)
+        nbytes = int(a["node_gib"] * GIB)
+        state = _shard(build_state(nbytes, seed=rank + 1), rank)
+        if a["role"] == "save":
+            ckpt.save(state, STEP, a["root"], blocking=False).wait()
+            out[rank] = {"fingerprint": fingerprint(state), "bytes": state_nbytes(state)}
+            return
+        expect = a["fingerprints"][rank]
+        mutate(state)
+        times: dict[str, list[float]] = {"memory": [], "disk": []}
+        sources: dict[str, list[str]] = {"memory": [], "disk": []}
+        for _ in range(a["repeats"]):
+            for case in ("memory", "disk"):
+                ckpt.configure(load_from_memory=case == "memory")
+                dist.barrier()
+                if rank == 0:
+                    drop_caches(Path(a["root"]))
+                dist.barrier()
+                t0 = time.perf_counter()
+                res = ckpt.load(state, a["root"])
+                times[case].append(time.perf_counter() - t0)
+                sources[case].append(res.source)
+                got = fingerprint(state)
+                if got != expect:
+                    raise AssertionError(f"rank {rank}: {case} load is not bit-exact")
+                mutate(state)
+        out[rank] = {"times": times, "sources": sources}
+    finally:
+        ckpt.shutdown()
+        dist.destroy_process_group()
+
+
+def _job(world: int, a: dict[str, Any]) -> dict[int, Any]:
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        port = free_port()
+        procs = [ctx.Process(target=_rank, args=(r, world, port, a, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(1800)
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"{a['role']} job failed: exit codes {[p.exitcode for p in procs]}")
+        return dict(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--node-gib", type=float, default=1.0, help="state per node (GiB)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/rebuild.json")
+    args = ap.parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="ckrb-", dir="/tmp"))
+    shm_base = Path(tempfile.mkdtemp(prefix="ckptd-rebuild-", dir="/dev/shm"))
+    (base / "token").write_text(TOKEN)
+    os.chmod(base / "token", 0o600)
+    node_bytes = int(args.node_gib * GIB)
+    # Room for one payload and its parity (m/(n-m) = 1/2), not for a second buffer.
+    budget = int(node_bytes * 1.6) + (64 << 20)
+    daemons = [Daemon(f"node-{i}", base, shm_base, free_port(), budget) for i in range(3)]
+    root = str(base / "ckpt")
+    try:
+        for d in daemons:
+            d.config["erasure"] = {"n": 3, "m": 1}
+            d.config["peers"] = {}
+        for d in daemons:
+            d.start(daemons)
+        for d in daemons:
+            d.wait_ready()
+        t0 = time.perf_counter()
+        saved = _job(3, {"role": "save", "sockets": [d.socket_path for d in daemons],
+                         "root": root, "node_gib": args.node_gib, "repeats": 0})
+        save_s = time.perf_counter() - t0
+        lost = daemons[0]
+        assert lost.proc is not None
+        lost.proc.kill()  # node-0 and its memory are gone
+        lost.proc.wait(10)
+        time.sleep(3.0)  # survivors mark it lost (heartbeats)
+        sockets = [daemons[1].socket_path, daemons[2].socket_path, daemons[1].socket_path]
+        got = _job(3, {"role": "load", "sockets": sockets, "root": root,
+                       "node_gib": args.node_gib, "repeats": args.repeats,
+                       "fingerprints": {r: saved[r]["fingerprint"] for r in saved}})
+        job = {c: [max(got[r]["times"][c][i] for r in got) for i in range(args.repeats)]
+               for c in ("memory", "disk")}
+        lost_rank = {c: got[0]["times"][c] for c in ("memory", "disk")}
+        result = {
+            "command": "python bench/rebuild.py " + " ".join(argv or sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
+            "torch": torch.__version__,
+            "node_bytes": saved[0]["bytes"],
+            "save_to_committed_s": round(save_s, 2),
+            "sources": got[0]["sources"],
+            "job_restore_s": job,
+            "lost_rank_restore_s": lost_rank,
+            "median": {c: {"job": med(job[c]), "lost_rank": med(lost_rank[c])}
+                       for c in ("memory", "disk")},
+        }
+        m, dsk = result["median"]["memory"], result["median"]["disk"]
+        print(json.dumps(result, indent=2))
+        print(f"\nrestore after losing node-0 ({saved[0]['bytes'] / GIB:.2f} GiB per node):")
+        print(f"  job:       memory {m['job']:.2f} s vs disk {dsk['job']:.2f} s "
+              f"({dsk['job'] / m['job']:.2f}x)")
+        print(f"  lost rank: memory (rebuilt) {m['lost_rank']:.2f} s vs disk "
+              f"{dsk['lost_rank']:.2f} s ({dsk['lost_rank'] / m['lost_rank']:.2f}x, "
+              f"{saved[0]['bytes'] / GIB / m['lost_rank']:.2f} GiB/s rebuilt)")
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    finally:
+        for d in daemons:
+            d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(shm_base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
