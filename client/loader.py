@@ -124,7 +124,10 @@ def load_state(
 
         read_error: str | None = None
         try:
-            for n in pool.map(work, plan.reads):
+            # From memory, in payload order: a rebuilt rank is then read in streaming
+            # windows (see RebuiltWindows), each decoded once.
+            reads = sorted(plan.reads, key=lambda r: r.index) if mem is not None else plan.reads
+            for n in pool.map(work, reads):
                 nbytes += n
         except (CkptError, OSError) as e:
             if mem is None:

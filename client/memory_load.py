@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,6 +56,61 @@ class HeldSnapshot:
         return self.rebuilt_key or f"snap/{self.desc.job}/{self.desc.rank}/{self.generation}"
 
 
+class RebuiltWindows:
+    """Reads of rebuilt (lost) ranks in large aligned windows, each fetched once.
+
+    A survivor decodes whole stripe pieces for every request, and a load asks for many
+    small tensors: fetching ``WINDOW_BYTES`` at a time (alternating between survivors)
+    and serving the small reads from the last ``KEEP`` windows turns hundreds of tiny
+    decode round trips into a few large streaming ones. Thread-safe; a window being
+    fetched by one reader is waited for by the others.
+    """
+
+    WINDOW_BYTES = 16 << 20
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self._windows: OrderedDict[tuple[str, int], Future[torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read_into(self, client: DaemonClient, held: HeldSnapshot, start: int,
+                  out: torch.Tensor) -> None:
+        """Bytes ``[start, start + len(out))`` of ``held.key`` into ``out`` (uint8)."""
+        end, pos, W = start + out.numel(), start, self.WINDOW_BYTES
+        limit = held.offset + held.desc.nbytes  # this rank's part of the lost payload
+        while pos < end:
+            w0 = pos // W * W
+            win = self._window(client, held, w0, min(w0 + W, limit))
+            n = min(end, w0 + win.numel()) - pos
+            out[pos - start : pos - start + n] = win[pos - w0 : pos - w0 + n]
+            pos += n
+
+    def _window(self, client: DaemonClient, held: HeldSnapshot, w0: int, w1: int) -> torch.Tensor:
+        key = (held.key, w0)
+        with self._lock:
+            fut = self._windows.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._windows[key] = Future()
+                while len(self._windows) > self.KEEP:
+                    self._windows.popitem(last=False)
+            else:
+                self._windows.move_to_end(key)
+        assert fut is not None
+        if mine:
+            try:
+                buf = torch.empty(w1 - w0, dtype=torch.uint8)
+                address = _address(held, False, None, w0)
+                client.data(address).get_range(held.key, w0, w1, out=memoryview(buf.numpy()))
+                fut.set_result(buf)
+            except BaseException as e:
+                with self._lock:
+                    self._windows.pop(key, None)
+                fut.set_exception(e)
+                raise
+        return fut.result()
+
+
 @dataclass(frozen=True)
 class MemoryStep:
     """Every rank's snapshot of one step, as found in the daemons."""
@@ -61,6 +119,7 @@ class MemoryStep:
     step: int
     world: int
     held: dict[int, HeldSnapshot]
+    windows: RebuiltWindows = field(default_factory=RebuiltWindows, compare=False)
 
     def manifest(self) -> Manifest:
         """A manifest-shaped view (metas, rng, trainer state) for the shared load code."""
@@ -130,7 +189,7 @@ def plan_memory_load(layout: Any, mem: MemoryStep) -> LoadPlan:
 
 def read_piece_rows(
     client: DaemonClient, held: HeldSnapshot, piece: PayloadPiece, rows: tuple[int, int],
-    local_address: str | None,
+    local_address: str | None, windows: RebuiltWindows | None = None,
 ) -> torch.Tensor:
     """Rows ``[a, b)`` (dim 0) of a saved piece as a tensor of the piece's dtype."""
     dt = torch_dtype(piece.dtype)
@@ -146,6 +205,8 @@ def read_piece_rows(
         if local and held.segment_path and not held.rebuilt_key:
             # Same node: straight from the daemon's shared memory (one copy, no socket).
             client.reader.read_into(held.segment_path, held.generation, start, out)
+        elif held.rebuilt_key and windows is not None:
+            windows.read_into(client, held, start, buf)
         else:
             client.data(_address(held, local, local_address, start)).get_range(
                 held.key, start, start + nbytes, out=out)
@@ -171,7 +232,7 @@ def execute_read(
     piece = held.desc.pieces[idx]
     lengths = piece.global_box.lengths
     if not lengths:  # a scalar: one element, no rows
-        t = read_piece_rows(client, held, piece, (0, 1), local_address)
+        t = read_piece_rows(client, held, piece, (0, 1), local_address, mem.windows)
         for op in read.copies:
             apply_copy(op, t, locals_)
         return t.numel() * t.element_size()
@@ -182,7 +243,7 @@ def execute_read(
     total = 0
     for a in range(lo, hi, step_rows):
         b = min(hi, a + step_rows)
-        rows = read_piece_rows(client, held, piece, (a, b), local_address)
+        rows = read_piece_rows(client, held, piece, (a, b), local_address, mem.windows)
         total += rows.numel() * rows.element_size()
         for op in read.copies:
             part = _rows_part(op, a, b)

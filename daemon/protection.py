@@ -40,6 +40,7 @@ import re
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -587,6 +588,9 @@ def parity_fetcher(clients: Clients, job: str, step: int, *,
 
 # ----------------------------------------------------------------------- blob store
 
+WINDOW_BYTES = 4 << 20  # rebuilt bytes are cached in aligned windows of this size
+WINDOWS_KEPT = 8
+
 _INT = r"(0|[1-9][0-9]{0,18})"
 _NODE = r"([A-Za-z0-9][A-Za-z0-9._:-]{0,252})"
 _JOB = r"([^/]{1,128})"
@@ -624,6 +628,7 @@ class ProtectionBlobStore:
         self._headers: dict[tuple[str, int, int], dict[tuple[int, int], _Parity]] = {}
         self._down: dict[str, float] = {}
         self._probed: dict[tuple[str, int, str, int], float] = {}
+        self._windows: OrderedDict[tuple[str, int, str, int, int], np.ndarray] = OrderedDict()
         # One pool for every rebuild this store serves (not one per 4 MiB frame).
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="ckptd-rebuild")
         self._lock = threading.Lock()
@@ -689,13 +694,44 @@ class ProtectionBlobStore:
         lost = rest[0]
         geometry, generation = self._restore_context(job, step, lost)
         out = np.empty(end - start, np.uint8)
+        pos = start
+        while pos < end:
+            w0 = pos // WINDOW_BYTES * WINDOW_BYTES
+            w1 = min(w0 + WINDOW_BYTES, geometry.size(lost))
+            win = self._window(job, step, lost, geometry, generation, w0, w1)
+            n = min(end, w1) - pos
+            out[pos - start : pos - start + n] = win[pos - w0 : pos - w0 + n]
+            pos += n
+        return memoryview(out)
+
+    def forget_rebuilt(self) -> None:
+        """Drop cached rebuilt windows and probes (the next read rebuilds and re-checks)."""
         with self._lock:
+            self._windows.clear()
+            self._probed.clear()
+
+    def _window(self, job: str, step: int, lost: str, geometry: StripeGeometry,
+                generation: int, w0: int, w1: int) -> np.ndarray:
+        """Bytes ``[w0, w1)`` of a lost member's payload, rebuilt once and kept in a small
+        LRU: a loader reads many small tensors, and each rebuild decodes whole pieces, so
+        neighbouring reads must not decode the same pieces again."""
+        key = (job, step, lost, generation, w0)
+        with self._lock:
+            hit = self._windows.get(key)
+            if hit is not None:
+                self._windows.move_to_end(key)
+                return hit
             cache = self._headers.setdefault((job, step, generation), {})
-        rebuild_range(geometry, lost, start, end, out, self._fetch_block(job, step),
+        win = np.empty(w1 - w0, np.uint8)
+        rebuild_range(geometry, lost, w0, w1, win, self._fetch_block(job, step),
                       self._fetch_parity(job, step), self.codec(geometry.k, geometry.m),
                       generation=generation, step=step, unavailable=[lost], headers=cache,
                       pool=self._pool)
-        return memoryview(out)
+        with self._lock:
+            self._windows[key] = win
+            while len(self._windows) > WINDOWS_KEPT:
+                self._windows.popitem(last=False)
+        return win
 
     def begin_put(self, key: str, nbytes: int) -> Any:
         raise StorageError(f"put {key!r}: protection keys are read-only")
