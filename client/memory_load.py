@@ -70,7 +70,7 @@ class RebuiltWindows:
     KEEP = 8
 
     def __init__(self) -> None:
-        self._windows: OrderedDict[tuple[str, int], Future[torch.Tensor]] = OrderedDict()
+        self._windows: OrderedDict[tuple[str, int, int], Future[torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
     def read_into(self, client: DaemonClient, held: HeldSnapshot, start: int,
@@ -78,15 +78,18 @@ class RebuiltWindows:
         """Bytes ``[start, start + len(out))`` of ``held.key`` into ``out`` (uint8)."""
         end, pos, W = start + out.numel(), start, self.WINDOW_BYTES
         limit = held.offset + held.desc.nbytes  # this rank's part of the lost payload
+        if end > limit:
+            raise ValueError(f"{held.key}: bytes [{start}, {end}) beyond rank "
+                             f"{held.desc.rank}'s part (ends at {limit})")
         while pos < end:
             w0 = pos // W * W
             win = self._window(client, held, w0, min(w0 + W, limit))
-            n = min(end, w0 + win.numel()) - pos
+            n = min(end, w0 + win.numel()) - pos  # > 0: the window reaches past pos
             out[pos - start : pos - start + n] = win[pos - w0 : pos - w0 + n]
             pos += n
 
     def _window(self, client: DaemonClient, held: HeldSnapshot, w0: int, w1: int) -> torch.Tensor:
-        key = (held.key, w0)
+        key = (held.key, w0, w1)  # ranks of one lost node share the key: w1 differs
         with self._lock:
             fut = self._windows.get(key)
             mine = fut is None
