@@ -188,13 +188,7 @@ class Saver:
         )
         with self._lock:
             self._inflight_steps.add(step)
-        fut = self._worker.submit(self._persist, job)
-        handle = SaveHandle(step, fut, stall)
-        with self._lock:
-            self._pending = [h for h in self._pending if not h.done()] + [handle]
-        if blocking:
-            handle.wait()
-        return handle
+        return self._track(self._worker.submit(self._persist, job), step, stall, blocking)
 
     def _save_to_daemon(
         self,
@@ -232,6 +226,12 @@ class Saver:
         self.daemon.commit(lease, static + b"," + tail[1:].encode())
         stall = time.perf_counter() - t0
         fut = self._worker.submit(self._await_daemon, job, step, root, nbytes, t0, stall)
+        return self._track(fut, step, stall, blocking)
+
+    def _track(
+        self, fut: Future[SaveResult], step: int, stall: float, blocking: bool
+    ) -> SaveHandle:
+        """The handle of a save handed to the worker; remembered for ``wait_all``."""
         handle = SaveHandle(step, fut, stall)
         with self._lock:
             self._pending = [h for h in self._pending if not h.done()] + [handle]

@@ -26,17 +26,16 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from daemon_harness import free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "ckptd"
@@ -143,25 +142,6 @@ def local_user_values() -> dict[str, Any]:
         return {}
     return {"podSecurityContext": {"runAsUser": os.geteuid(), "runAsGroup": os.getegid(),
                                    "fsGroup": os.getegid()}}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` every 50 ms until truthy or ``timeout`` s pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ volumes and paths
