@@ -23,6 +23,7 @@ from ckpt.config import Config
 from ckpt.daemon_client import DaemonClient, job_id_for
 from ckpt.dist import DistContext, describe, raise_if_failed
 from ckpt.staging import Arena, ArenaPool, arena_bytes
+from ckptd import snapshot
 from ckptd.dtypes import torch_dtype
 from ckptd.errors import CkptError, CommitConflictError, InvalidKeyError, SaveFailedError
 from ckptd.execute import ChunkRecipe, assemble_chunk, chunk_recipes, piece_view, transfer_payload
@@ -32,7 +33,7 @@ from ckptd.formats.manifest import ChunkRecord, TensorRecord
 from ckptd.formats.manifest_build import build_manifest, commit_manifest, layouts_digest
 from ckptd.formats.retention import BackgroundGC
 from ckptd.formats.storage import Storage
-from ckptd.formats.writer import CheckpointWriter, is_packed
+from ckptd.formats.writer import CheckpointWriter
 from ckptd.fragments import RankLayout, layout_from_json, layout_to_json
 from ckptd.layout import Layout, build_rank_layout, local_tensor
 from ckptd.planner import RankSavePlan, SavePlan, build_save_plan
@@ -465,26 +466,8 @@ def _derive(
     codecs: dict[str, str],
 ) -> PlanEntry:
     rp = plan.for_rank(rank)
-    records = {}
-    for name, tp in plan.tensors.items():
-        packed = is_packed(tp.meta.shape, tp.meta.dtype, config.writer)
-        records[name] = TensorRecord(
-            name,
-            tp.meta.dtype,
-            tp.meta.shape,
-            tp.grid.chunk_shape,
-            codecs[name],
-            policy.level,
-            packed,
-            (),
-        )
-    zero = {name: tuple(0 for _ in tp.meta.shape) for name, tp in plan.tensors.items()}
-    meta_owned = tuple(
-        sorted(c.name for c in rp.chunks if c.index == zero[c.name] and not records[c.name].packed)
-    )
-    if rank == 0:  # arrays without any chunk (zero-size) still need their metadata
-        empty = [n for n, tp in plan.tensors.items() if tp.grid.n_chunks == 0 or tp.meta.numel == 0]
-        meta_owned = tuple(sorted(set(meta_owned) | {n for n in empty if not records[n].packed}))
+    records = snapshot.array_records(plan, codecs, policy.level, config.writer)
+    meta_owned = snapshot.meta_owned(plan, rank, records)
     metas = {n: tp.meta for n, tp in plan.tensors.items()}
     specs = tuple(
         [(metas[s.piece.name].dtype, s.piece.global_box.lengths) for s in rp.staged]

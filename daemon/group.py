@@ -46,7 +46,6 @@ from ckptd.daemon.stripes import StripeGeometry
 from ckptd.daemon.transport import DataClient
 from ckptd.errors import CkptError
 from ckptd.rpc.v1 import daemon_pb2 as pb
-from ckptd.snapshot import SnapshotDescriptor
 
 if TYPE_CHECKING:
     from ckptd.daemon.server import Daemon
@@ -259,7 +258,3 @@ def _round_generation(step: int, members: dict[str, list[pb.RankSnapshot]]) -> i
             h.update(f"{node}:{s.rank}:{s.generation}:{s.nbytes};".encode())
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
-
-def descriptors_of(snaps: list[pb.RankSnapshot]) -> list[SnapshotDescriptor]:
-    """Parsed descriptors of ``LocalSnapshots`` entries."""
-    return [SnapshotDescriptor.loads(s.descriptor_json) for s in snaps]

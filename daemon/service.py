@@ -22,7 +22,6 @@ routed to the parts that own them (persistence transfers, erasure blocks).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import threading
@@ -123,7 +122,7 @@ class SnapshotService:
     """
 
     def __init__(self, node: str, shm_dir: str, budget_bytes: int,
-                 loop: asyncio.AbstractEventLoop | None = None, group: int | None = None) -> None:
+                 group: int | None = None) -> None:
         self.node = node
         self.group = group  # socket_group: trainers of this gid map the buffers too
         self.shm_dir = shm_dir
@@ -134,7 +133,6 @@ class SnapshotService:
         self._begun: dict[tuple[str, int], float] = {}  # (job, rank) -> lease handed out
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._loop = loop
 
     # ------------------------------------------------------------------ lifecycle
     def adopt(self) -> dict[str, Any]:
