@@ -9,7 +9,8 @@ layout, every rank's tensors distinct) through its node's daemon, then waiting u
 step is protected and committed to local disk. The trainers exit and ``node-0``'s daemon
 is SIGKILLed: the node and its shared memory are lost.
 
-A restarted 3-rank job (ranks on node-1, node-2, node-1: node-0 is gone) then loads the
+A restarted 3-rank job (ranks on node-1, node-1, node-2: node-0 is gone, the others stay
+where they were) then loads the
 step, every repeat, from:
 
 * **memory**: rank 0's shard rebuilt on the fly by a survivor (``lost/...``: it pulls
@@ -31,6 +32,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,9 +84,18 @@ def _rank(rank: int, world: int, port: int, a: dict[str, Any], out: dict[int, An
                 if rank == 0:
                     drop_caches(Path(a["root"]))
                 dist.barrier()
+                prof = None
+                if a.get("profile_load") and rank == 0 and case == "memory":
+                    import cProfile
+
+                    prof = cProfile.Profile()
+                    prof.enable()
                 t0 = time.perf_counter()
                 res = ckpt.load(state, a["root"])
                 times[case].append(time.perf_counter() - t0)
+                if prof is not None:
+                    prof.disable()
+                    prof.dump_stats(a["profile_load"])
                 sources[case].append(res.source)
                 got = fingerprint(state)
                 if got != expect:
@@ -110,11 +122,52 @@ def _job(world: int, a: dict[str, Any]) -> dict[int, Any]:
         return dict(out)
 
 
+def _serve_probe(survivor: Daemon, root: str, profile: str | None) -> dict[str, Any]:
+    """The lost node's whole payload read straight from one survivor's data channel
+    (``lost/`` key: that daemon pulls the other shards and decodes), no trainer involved:
+    the rebuild path's own throughput, separate from the load's planning and copies."""
+    from ckpt.daemon_client import DaemonClient, job_id_for
+
+    client = DaemonClient(survivor.socket_path, TOKEN)
+    spy = None
+    try:
+        status = client.job_status(job_id_for(root))
+        lost = [s for v in status.nodes if v.reachable for s in v.local.snapshots if s.key]
+        if not lost:
+            raise RuntimeError("no survivor lists the lost node's ranks")
+        key = lost[0].key
+        data = client.data(lost[0].data_address or status.nodes[0].local.data_address)
+        size = data.stat(key)
+        out = bytearray(size)
+        if profile:
+            assert survivor.proc is not None
+            spy = subprocess.Popen(["py-spy", "record", "-o", profile, "-r", "200", "-f", "raw",
+                                    "-p", str(survivor.proc.pid)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        t0 = time.perf_counter()
+        step = 16 << 20
+        for a in range(0, size, step):
+            data.get_range(key, a, min(size, a + step), memoryview(out)[a : a + step])
+        dt = time.perf_counter() - t0
+        return {"key": key, "bytes": size, "seconds": round(dt, 3),
+                "gb_per_s": round(size / dt / 1e9, 3)}
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--node-gib", type=float, default=1.0, help="state per node (GiB)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/rebuild.json")
+    ap.add_argument("--profile", default=None,
+                    help="py-spy the serving daemon during the serve probe (svg path)")
+    ap.add_argument("--profile-load", default=None,
+                    help="cProfile rank 0's memory load (the rebuilt rank) into this file")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="ckrb-", dir="/tmp"))
     shm_base = Path(tempfile.mkdtemp(prefix="ckptd-rebuild-", dir="/dev/shm"))
@@ -142,9 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         lost.proc.kill()  # node-0 and its memory are gone
         lost.proc.wait(10)
         time.sleep(3.0)  # survivors mark it lost (heartbeats)
-        sockets = [daemons[1].socket_path, daemons[2].socket_path, daemons[1].socket_path]
+        serve = _serve_probe(daemons[1], root, args.profile)
+        # Rank 0 (its node is gone) restarts on node-1; ranks 1 and 2 on their own nodes.
+        sockets = [daemons[1].socket_path, daemons[1].socket_path, daemons[2].socket_path]
         got = _job(3, {"role": "load", "sockets": sockets, "root": root,
                        "node_gib": args.node_gib, "repeats": args.repeats,
+                       "profile_load": args.profile_load,
                        "fingerprints": {r: saved[r]["fingerprint"] for r in saved}})
         job = {c: [max(got[r]["times"][c][i] for r in got) for i in range(args.repeats)]
                for c in ("memory", "disk")}
@@ -156,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "node_bytes": saved[0]["bytes"],
             "save_to_committed_s": round(save_s, 2),
+            "serve_probe": serve,
             "sources": got[0]["sources"],
             "job_restore_s": job,
             "lost_rank_restore_s": lost_rank,
@@ -164,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         m, dsk = result["median"]["memory"], result["median"]["disk"]
         print(json.dumps(result, indent=2))
+        print(f"\nserve probe: {serve['bytes'] / GIB:.2f} GiB rebuilt by one survivor in "
+              f"{serve['seconds']:.2f} s ({serve['gb_per_s']:.2f} GB/s)")
         print(f"\nrestore after losing node-0 ({saved[0]['bytes'] / GIB:.2f} GiB per node):")
         print(f"  job:       memory {m['job']:.2f} s vs disk {dsk['job']:.2f} s "
               f"({dsk['job'] / m['job']:.2f}x)")

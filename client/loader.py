@@ -21,10 +21,10 @@ import torch
 
 from ckpt.config import Config
 from ckpt.daemon_client import DaemonClient, job_id_for
-from ckpt.dist import DistContext, raise_if_failed
+from ckpt.dist import DistContext
 from ckpt.memory_load import MemoryStep, execute_read, find_memory_steps, plan_memory_load
 from ckptd.errors import CkptError, MissingKeysError, StateMergeError
-from ckptd.execute import apply_reads, piece_view
+from ckptd.execute import apply_reads
 from ckptd.formats import commit as commit_mod
 from ckptd.formats.manifest import Manifest
 from ckptd.formats.reader import CheckpointReader
@@ -133,6 +133,9 @@ def load_state(
             if mem is None:
                 raise
             read_error = f"rank {ctx.rank}: {type(e).__name__}: {e}"
+        finally:
+            if mem is not None:
+                mem.windows.close()  # rebuilt windows are not needed past the reads
     if mem is not None:
         # Every rank learns whether every rank could read from memory; if one could not
         # (a peer died during the load, more shards lost than parity covers), all load the
@@ -165,45 +168,31 @@ def _choose_memory_step(
     """The step to load from memory, decided by rank 0 for every rank, or None (storage).
 
     Memory wins when it holds the asked step, or (no step asked) a step at least as new as
-    the newest committed one in storage. Every rank then finds the same step through its
-    own daemon; one that cannot fails every rank alike.
+    the newest committed one in storage. Rank 0 sends every rank where each saved rank's
+    snapshot is held (parsing every rank's descriptor on every rank would cost each of
+    them O(world) parses); a rank that then cannot read from memory makes every rank fall
+    back to storage (see ``load_state``).
     """
-    choice: int | None = None
-    err: str | None = None
+    found: tuple[int, int, dict[int, Any], dict[str, str]] | None = None
     if ctx.rank == 0:
         try:
             steps = find_memory_steps(daemon.job_status(job))
             latest = commit_mod.latest_step(storage)
+            choice = None
             if step is not None:
                 choice = step if step in steps else None
             elif steps and (latest is None or max(steps) >= latest):
                 choice = max(steps)
+            if choice is not None:
+                mem = steps[choice]
+                found = (choice, mem.world, mem.held, mem.addresses)
         except CkptError as e:  # no daemon answer: storage is the fallback, said loudly
             log.warning("memory tier unavailable, loading from storage: %s", e)
-    choice = ctx.broadcast(choice, background=False)
-    if choice is None:
+    found = ctx.broadcast(found, background=False)
+    if found is None:
         return None
-    mem = None
-    try:
-        mem = find_memory_steps(daemon.job_status(job)).get(choice) if ctx.rank else steps[choice]
-        if mem is None:
-            err = f"rank {ctx.rank}: step {choice} is no longer complete in the daemons' memory"
-    except CkptError as e:
-        err = f"rank {ctx.rank}: {e}"
-    gathered = ctx.all_gather(err)
-    raise_if_failed(f"load of step {choice} from memory", gathered, None)
-    return mem
-
-
-def _direct_destination(r: ChunkRead, locals_: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """The destination view if one copy fills it with the whole chunk, contiguously."""
-    if len(r.copies) != 1:
-        return None
-    op = r.copies[0]
-    if op.chunk_region.lengths != r.box.lengths:
-        return None
-    dest = piece_view(locals_[op.key], op.piece)[op.piece_region.slices()]
-    return dest if dest.is_contiguous() and dest.device.type == "cpu" else None
+    choice, world, held, addresses = found
+    return MemoryStep(job, choice, world, held, addresses)
 
 
 def _global_unexpected(man: Manifest, lay: Any, flat: FlatState, ctx: DistContext) -> set[str]:

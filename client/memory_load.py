@@ -13,28 +13,25 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ckpt.daemon_client import DaemonClient
+from ckpt.rebuilt import RebuiltWindows, survivor_address
 from ckptd.dtypes import torch_dtype
-from ckptd.execute import apply_copy
+from ckptd.execute import apply_copy, piece_view
 from ckptd.formats.manifest import Manifest, TensorRecord
 from ckptd.formats.manifest_build import split_objects
 from ckptd.fragments import Box, TensorMeta, _box
 from ckptd.planner import ChunkRead, CopyOp, LoadPlan, build_piece_load_plan
 from ckptd.rpc.v1 import daemon_pb2 as pb
-from ckptd.snapshot import PayloadPiece, SnapshotDescriptor
+from ckptd.snapshot import PayloadPiece, SharedParts, SnapshotDescriptor
 
 log = logging.getLogger("ckpt.load")
 FETCH_BYTES = 64 << 20
-SPREAD_BYTES = 16 << 20  # granularity at which rebuilt reads alternate between survivors
 
 
 @dataclass(frozen=True)
@@ -56,64 +53,6 @@ class HeldSnapshot:
         return self.rebuilt_key or f"snap/{self.desc.job}/{self.desc.rank}/{self.generation}"
 
 
-class RebuiltWindows:
-    """Reads of rebuilt (lost) ranks in large aligned windows, each fetched once.
-
-    A survivor decodes whole stripe pieces for every request, and a load asks for many
-    small tensors: fetching ``WINDOW_BYTES`` at a time (alternating between survivors)
-    and serving the small reads from the last ``KEEP`` windows turns hundreds of tiny
-    decode round trips into a few large streaming ones. Thread-safe; a window being
-    fetched by one reader is waited for by the others.
-    """
-
-    WINDOW_BYTES = 16 << 20
-    KEEP = 8
-
-    def __init__(self) -> None:
-        self._windows: OrderedDict[tuple[str, int, int], Future[torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def read_into(self, client: DaemonClient, held: HeldSnapshot, start: int,
-                  out: torch.Tensor) -> None:
-        """Bytes ``[start, start + len(out))`` of ``held.key`` into ``out`` (uint8)."""
-        end, pos, W = start + out.numel(), start, self.WINDOW_BYTES
-        limit = held.offset + held.desc.nbytes  # this rank's part of the lost payload
-        if end > limit:
-            raise ValueError(f"{held.key}: bytes [{start}, {end}) beyond rank "
-                             f"{held.desc.rank}'s part (ends at {limit})")
-        while pos < end:
-            w0 = pos // W * W
-            win = self._window(client, held, w0, min(w0 + W, limit))
-            n = min(end, w0 + win.numel()) - pos  # > 0: the window reaches past pos
-            out[pos - start : pos - start + n] = win[pos - w0 : pos - w0 + n]
-            pos += n
-
-    def _window(self, client: DaemonClient, held: HeldSnapshot, w0: int, w1: int) -> torch.Tensor:
-        key = (held.key, w0, w1)  # ranks of one lost node share the key: w1 differs
-        with self._lock:
-            fut = self._windows.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._windows[key] = Future()
-                while len(self._windows) > self.KEEP:
-                    self._windows.popitem(last=False)
-            else:
-                self._windows.move_to_end(key)
-        assert fut is not None
-        if mine:
-            try:
-                buf = torch.empty(w1 - w0, dtype=torch.uint8)
-                address = _address(held, False, None, w0)
-                client.data(address).get_range(held.key, w0, w1, out=memoryview(buf.numpy()))
-                fut.set_result(buf)
-            except BaseException as e:
-                with self._lock:
-                    self._windows.pop(key, None)
-                fut.set_exception(e)
-                raise
-        return fut.result()
-
-
 @dataclass(frozen=True)
 class MemoryStep:
     """Every rank's snapshot of one step, as found in the daemons."""
@@ -122,7 +61,11 @@ class MemoryStep:
     step: int
     world: int
     held: dict[int, HeldSnapshot]
-    windows: RebuiltWindows = field(default_factory=RebuiltWindows, compare=False)
+    addresses: dict[str, str] = field(default_factory=dict)  # data channel of each node
+    windows: RebuiltWindows = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "windows", RebuiltWindows(self.addresses))
 
     def manifest(self) -> Manifest:
         """A manifest-shaped view (metas, rng, trainer state) for the shared load code."""
@@ -149,12 +92,24 @@ def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
     its erasure group (a direct copy always wins over a rebuild)."""
     found: dict[int, dict[int, HeldSnapshot]] = {}
     worlds: dict[int, int] = {}
+    shared = SharedParts()
+    addresses = {v.local.node or v.node: v.local.data_address for v in status.nodes
+                 if v.reachable and v.local.data_address}
     for view in status.nodes:
         if not view.reachable:
             continue
         for s in view.local.snapshots:
+            have = found.get(s.step, {}).get(s.rank)
+            if have is not None and have.desc.step == s.step and s.key:
+                # Another survivor of a rank already found: only its address is new (the
+                # descriptor is the same; parsing it again costs more than the rest).
+                address = s.data_address or view.local.data_address
+                if have.rebuilt_key and address not in have.rebuild_addresses:
+                    found[s.step][s.rank] = replace(
+                        have, rebuild_addresses=(*have.rebuild_addresses, address))
+                continue
             try:
-                desc = SnapshotDescriptor.loads(s.descriptor_json)
+                desc = SnapshotDescriptor.loads(s.descriptor_json, shared=shared, full=False)
             except Exception as e:  # a bad descriptor is not loadable; never guessed at
                 log.warning("ignoring snapshot of rank %d on %s: %s", s.rank, s.node, e)
                 continue
@@ -173,7 +128,8 @@ def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
         world = worlds[step]
         missing = [r for r in range(world) if r not in held_by_rank]
         if not missing:
-            out[step] = MemoryStep(held_by_rank[0].desc.job, step, world, held_by_rank)
+            out[step] = MemoryStep(held_by_rank[0].desc.job, step, world, held_by_rank,
+                                   addresses)
         else:
             log.warning(
                 "step %d is not loadable from memory: ranks %s are neither held by a reachable "
@@ -193,15 +149,19 @@ def plan_memory_load(layout: Any, mem: MemoryStep) -> LoadPlan:
 def read_piece_rows(
     client: DaemonClient, held: HeldSnapshot, piece: PayloadPiece, rows: tuple[int, int],
     local_address: str | None, windows: RebuiltWindows | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows ``[a, b)`` (dim 0) of a saved piece as a tensor of the piece's dtype."""
+    """Rows ``[a, b)`` (dim 0) of a saved piece as a tensor of the piece's dtype; into
+    ``out`` (contiguous, of exactly those bytes) when given."""
     dt = torch_dtype(piece.dtype)
     lengths = piece.global_box.lengths
     row_elems = math.prod(lengths[1:]) if lengths else 1
     a, b = rows if lengths else (0, 1)
     start = held.offset + piece.offset + a * row_elems * dt.itemsize
     nbytes = (b - a) * row_elems * dt.itemsize
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(-1).view(torch.uint8)
+    if buf.numel() != nbytes:
+        raise ValueError(f"{piece.name}: destination of {buf.numel()} bytes for {nbytes}")
     if nbytes:
         out = memoryview(buf.numpy())
         local = held.node == client.node
@@ -209,7 +169,7 @@ def read_piece_rows(
             # Same node: straight from the daemon's shared memory (one copy, no socket).
             client.reader.read_into(held.segment_path, held.generation, start, out)
         elif held.rebuilt_key and windows is not None:
-            windows.read_into(client, held, start, buf)
+            windows.read_into(client, held, start, buf, local_address)
         else:
             client.data(_address(held, local, local_address, start)).get_range(
                 held.key, start, start + nbytes, out=out)
@@ -218,10 +178,9 @@ def read_piece_rows(
 
 
 def _address(held: HeldSnapshot, local: bool, local_address: str | None, start: int) -> str:
-    """Which daemon serves a read: any survivor for a rebuilt rank (decoding costs the
-    serving daemon CPU, so slices are spread over all of them), else the holder."""
+    """Which daemon serves a read: any survivor for a rebuilt rank, else the holder."""
     if held.rebuilt_key and held.rebuild_addresses:
-        return held.rebuild_addresses[(start // SPREAD_BYTES) % len(held.rebuild_addresses)]
+        return survivor_address(held, start)
     return local_address if (local_address and local) else held.data_address
 
 
@@ -239,6 +198,11 @@ def execute_read(
         for op in read.copies:
             apply_copy(op, t, locals_)
         return t.numel() * t.element_size()
+    dest = direct_destination(read, locals_)
+    if dest is not None and dest.dtype == torch_dtype(piece.dtype):
+        # One copy straight into the caller's tensor: no staging buffer to fault in.
+        read_piece_rows(client, held, piece, (0, lengths[0]), local_address, mem.windows, dest)
+        return dest.numel() * dest.element_size()
     row_bytes = math.prod(lengths[1:]) * torch_dtype(piece.dtype).itemsize
     step_rows = max(1, FETCH_BYTES // max(1, row_bytes))
     lo = min(op.chunk_region.offsets[0] for op in read.copies)
@@ -266,3 +230,14 @@ def _rows_part(op: CopyOp, a: int, b: int) -> CopyOp | None:
     p0 = op.piece_region.offsets[0] + (lo - c0)
     piece_region = _box((p0, *op.piece_region.offsets[1:]), (hi - lo, *op.piece_region.lengths[1:]))
     return CopyOp(op.key, op.piece, chunk_region, piece_region)
+
+
+def direct_destination(r: ChunkRead, locals_: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The destination view if one copy fills it with the whole saved piece, contiguously."""
+    if len(r.copies) != 1:
+        return None
+    op = r.copies[0]
+    if op.chunk_region.lengths != r.box.lengths:
+        return None
+    dest = piece_view(locals_[op.key], op.piece)[op.piece_region.slices()]
+    return dest if dest.is_contiguous() and dest.device.type == "cpu" else None

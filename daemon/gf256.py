@@ -18,7 +18,7 @@ import glob
 import importlib.util
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Protocol
 
@@ -244,17 +244,18 @@ class _IsalPlan:
             lib.ec_init_tables(self.cols, self.rows, coeffs, self.tables)
 
 
-def _isal_candidates() -> list[str]:
-    """Where libisal may be: the system first, then the copy bundled in pyeclib's wheel."""
-    found = []
-    system = ctypes.util.find_library("isal")
-    if system:
-        found.append(system)
+def _isal_candidates() -> Iterator[str]:
+    """Where libisal may be: the system's soname first, then the copy bundled in pyeclib's
+    wheel, then whatever ``find_library`` finds (last: it runs ``ldconfig``/``gcc``
+    subprocesses, ~0.5 s, on the path of a loader's first rebuild)."""
+    yield "libisal.so.2"
     spec = importlib.util.find_spec("pyeclib")
     if spec is not None and spec.origin:
         site = os.path.dirname(os.path.dirname(spec.origin))
-        found += sorted(glob.glob(os.path.join(site, "pyeclib.libs", "libisal*.so*")))
-    return found
+        yield from sorted(glob.glob(os.path.join(site, "pyeclib.libs", "libisal*.so*")))
+    system = ctypes.util.find_library("isal")
+    if system:
+        yield system
 
 
 class IsalBackend:

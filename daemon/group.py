@@ -67,7 +67,7 @@ class GroupProtector:
         cfg = daemon.config
         self.node = cfg.node_name
         self.blobs = ProtectionBlobStore(self.node, self._client, is_lost=self._is_lost)
-        for prefix in ("block", "parity", "lost"):
+        for prefix in ("block", "parity", "lost", "rebuild"):
             daemon.blobs.route(prefix, self.blobs)
         self._parity: dict[str, SnapshotStore] = {}
         # (job, step) -> member node -> its RankSnapshots of the step (descriptors included)

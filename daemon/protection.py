@@ -36,6 +36,7 @@ against its recorded CRC too, so a rebuild never returns garbage: it raises
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import threading
@@ -58,8 +59,8 @@ from ckptd.errors import CkptError, IntegrityError, InvalidKeyError, QuorumError
 
 __all__ = [
     "FetchBlock", "FetchParity", "NodePayload", "ParityHeader", "ParityInfo",
-    "ProtectionBlobStore", "ProtectionError", "RebuildError", "block_fetcher", "encode_parity",
-    "parity_fetcher", "parity_job", "rebuild_range",
+    "ProtectionBlobStore", "ProtectionError", "RebuildError", "RebuildInfo", "block_fetcher",
+    "encode_parity", "parity_fetcher", "parity_job", "rebuild_info", "rebuild_range",
 ]
 
 FetchBlock = Callable[[str, int, int, np.ndarray], None]
@@ -364,6 +365,9 @@ def _check_codec(g: StripeGeometry, codec: ErasureCodec) -> None:
 # -------------------------------------------------------------------------- rebuild
 
 
+BATCH_BYTES = 8 << 20  # of a stripe's pieces rebuilt together: one request per shard
+
+
 @dataclass
 class _Parity:
     header: ParityHeader
@@ -384,7 +388,8 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
     another geometry) is excluded for the rest of the stripe and another one is used;
     ``unavailable`` members are never asked.  ``report`` collects ``(stripe, shard) ->
     reason`` for every excluded shard.  ``headers``: a dict kept across calls to skip
-    re-reading parity headers (e.g. consecutive frames of one read).  Memory: n pieces.
+    re-reading parity headers (e.g. consecutive frames of one read).  Memory: n + 1 batches
+    of ``BATCH_BYTES`` (pieces of one stripe are moved and decoded together).
     Raises ``RebuildError`` (a ``QuorumError``) if a stripe has fewer than k valid shards.
     """
     _check_codec(geometry, codec)
@@ -407,11 +412,13 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
             st.load_headers()
             first = span.block_offset // geometry.piece_bytes
             last = (span.block_offset + span.length - 1) // geometry.piece_bytes
-            for t in range(first, last + 1):
-                lo, hi = geometry.piece(t)
+            per_batch = max(1, BATCH_BYTES // geometry.piece_bytes)
+            for t0 in range(first, last + 1, per_batch):
+                t1 = min(last + 1, t0 + per_batch)
+                lo, hi = geometry.piece(t0)[0], geometry.piece(t1 - 1)[1]
                 a, b = max(lo, span.block_offset), min(hi, span.block_offset + span.length)
                 o = span.payload_offset - start + (a - span.block_offset)
-                st.rebuild_piece(codec, span.block, t, dst[o : o + b - a], a - lo)
+                st.rebuild_pieces(codec, span.block, t0, t1, dst[o : o + b - a], a - lo)
             if report is not None:
                 report.update({(span.stripe, s): r for s, r in st.bad.items()})
     finally:
@@ -480,11 +487,14 @@ class _Stripe:
             self.fetch_parity(holder, self.j, header.SIZE, tab)
         return _Parity(header, _table(header, tab))
 
-    def rebuild_piece(self, codec: ErasureCodec, p: int, t: int, out: np.ndarray,
-                      skip: int) -> None:
-        """Decode data block ``p``'s piece ``t`` and copy its bytes from ``skip`` to ``out``."""
+    def rebuild_pieces(self, codec: ErasureCodec, p: int, t0: int, t1: int, out: np.ndarray,
+                       skip: int) -> None:
+        """Decode data block ``p``'s pieces ``[t0, t1)`` and copy their bytes from ``skip``
+        to ``out``.  Each source shard's range of those pieces comes in one request (a
+        round trip per piece made rebuilds latency-bound), every piece of it checked
+        against its CRC; the decode runs over the whole range at once (byte-wise code)."""
         g = self.g
-        lo, hi = g.piece(t)
+        lo, hi = g.piece(t0)[0], g.piece(t1 - 1)[1]
         n = hi - lo
         have: dict[int, np.ndarray] = {}
         while True:
@@ -494,7 +504,7 @@ class _Stripe:
             survivors = tuple(usable[: g.k])  # data first: no parity needed when possible
             todo = [s for s in survivors if s not in have]
             assert self.pool is not None
-            futures = {s: self.pool.submit(self._fetch, s, t, lo, hi) for s in todo}
+            futures = {s: self.pool.submit(self._fetch, s, t0, t1, lo, hi) for s in todo}
             for s, fut in futures.items():
                 try:
                     have[s] = fut.result()
@@ -508,31 +518,40 @@ class _Stripe:
         target = out if whole else self._buf(-1, n)
         plan = codec.decode_plan(survivors, (p,))
         codec.backend.apply(plan, [have[s] for s in survivors], [target])
-        if crc32c.crc32c(target) != int(self.data_crc[t, p]):
-            raise IntegrityError(
-                f"stripe {self.j} piece {t}: the rebuilt block {p} of {self.lost} does not match "
-                "its recorded checksum although every source did; refusing to return it"
-            )
+        assert self.data_crc is not None
+        for t in range(t0, t1):
+            a, b = (x - lo for x in g.piece(t))
+            if crc32c.crc32c(target[a:b]) != int(self.data_crc[t, p]):
+                raise IntegrityError(
+                    f"stripe {self.j} piece {t}: the rebuilt block {p} of {self.lost} does not "
+                    "match its recorded checksum although every source did; refusing to "
+                    "return it")
         if not whole:
             out[:] = target[skip : skip + len(out)]
 
-    def _fetch(self, s: int, t: int, lo: int, hi: int) -> np.ndarray:
-        """Shard ``s``'s piece ``t``, verified against the CRC table; ``IntegrityError`` if not."""
+    def _fetch(self, s: int, t0: int, t1: int, lo: int, hi: int) -> np.ndarray:
+        """Shard ``s``'s pieces ``[t0, t1)`` (bytes ``[lo, hi)`` of its block), each piece
+        verified against the CRC table; ``IntegrityError`` if one does not match."""
         g, buf = self.g, self._buf(s, hi - lo)
         holder = g.holder(self.j, s)
         if s < g.k:
-            crc = _pull_piece(g, self.fetch_block, holder, s, lo, hi, buf)
+            valid = g.valid_bytes(holder, s, lo, hi)
+            if valid:
+                self.fetch_block(holder, s, lo, buf[:valid])
+            buf[valid:] = 0
             assert self.data_crc is not None
-            want = int(self.data_crc[t, s])
+            want = self.data_crc[:, s]
             what = f"data block {s} of {holder}"
         else:
             par = self.parity[s - g.k]
             self.fetch_parity(holder, self.j, par.header.payload_offset + lo, buf)
-            crc, want = crc32c.crc32c(buf), int(par.table[t, 0])
+            want = par.table[:, 0]
             what = f"parity row {s - g.k} of {holder}"
-        if crc != want:
-            raise IntegrityError(f"{what}: piece {t} checksum mismatch (corrupted, or changed "
-                                 "since the step was protected)")
+        for t in range(t0, t1):
+            a, b = (x - lo for x in g.piece(t))
+            if crc32c.crc32c(buf[a:b]) != int(want[t]):
+                raise IntegrityError(f"{what}: piece {t} checksum mismatch (corrupted, or "
+                                     "changed since the step was protected)")
         return buf
 
     def _buf(self, s: int, n: int) -> np.ndarray:
@@ -586,10 +605,46 @@ def parity_fetcher(clients: Clients, job: str, step: int, *,
     return fetch
 
 
+@dataclass(frozen=True)
+class RebuildInfo:
+    """What a reader needs to rebuild a lost member's payload itself (from
+    ``rebuild/{job}/{step}/{node}``): the step's stripe geometry and generation."""
+
+    geometry: StripeGeometry
+    generation: int
+    node: str = ""  # the survivor that answered; its shards' shared-memory segments:
+    payload: tuple[tuple[str, int, int], ...] = ()  # snapshots in rank order
+    parity: tuple[tuple[int, str, int, int], ...] = ()  # (stripe, path, generation, nbytes)
+
+    @classmethod
+    def loads(cls, raw: Buffer) -> RebuildInfo:
+        """Parse the JSON a survivor serves; ``ProtectionError`` if it is malformed."""
+        try:
+            obj = json.loads(bytes(raw))
+            local = obj.get("local") or {}
+            return cls(
+                StripeGeometry.from_json(obj["geometry"]), int(obj["generation"]),
+                str(local.get("node", "")),
+                tuple((str(p), int(g), int(n)) for p, g, n in local.get("payload", [])),
+                tuple((int(j), str(p), int(g), int(n))
+                      for j, (p, g, n) in local.get("parity", {}).items()),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtectionError(f"malformed rebuild info: {type(exc).__name__}: {exc}") from exc
+
+
+def rebuild_info(client: DataClient, job: str, step: int, lost: str, *,
+                 timeout: float | None = None) -> RebuildInfo:
+    """Geometry and generation of ``lost``'s data of ``step``, from a survivor's
+    ``DataServer``; it refuses (``RebuildError``) when the group cannot rebuild it."""
+    raw = client.get(f"rebuild/{check_job_id(job)}/{step}/{lost}", timeout=timeout)
+    return RebuildInfo.loads(raw)
+
+
 # ----------------------------------------------------------------------- blob store
 
-WINDOW_BYTES = 4 << 20  # rebuilt bytes are cached in aligned windows of this size
-WINDOWS_KEPT = 8
+WINDOW_BYTES = 16 << 20  # rebuilt bytes are cached in aligned windows of this size
+WINDOWS_KEPT = 4
 
 _INT = r"(0|[1-9][0-9]{0,18})"
 _NODE = r"([A-Za-z0-9][A-Za-z0-9._:-]{0,252})"
@@ -598,6 +653,7 @@ _KEYS = {
     "block": re.compile(rf"block/{_JOB}/{_INT}/{_NODE}/{_INT}"),
     "parity": re.compile(rf"parity/{_JOB}/{_INT}/{_INT}"),
     "lost": re.compile(rf"lost/{_JOB}/{_INT}/{_NODE}"),
+    "rebuild": re.compile(rf"rebuild/{_JOB}/{_INT}/{_NODE}"),
 }
 
 
@@ -610,7 +666,11 @@ class ProtectionBlobStore:
       table, row), from the store given to ``serve_parity``;
     * ``lost/{job}/{step}/{node}``: a lost member's whole payload, rebuilt on the fly
       from the other members (geometry and generation from this node's parity of that
-      step), so a restarted job reads a lost node's ranks from any survivor.
+      step), so a restarted job reads a lost node's ranks from any survivor;
+    * ``rebuild/{job}/{step}/{node}``: JSON ``{"geometry": ..., "generation": ...}`` of
+      that rebuild, for a loader that pulls the ``block/`` and ``parity/`` shards itself
+      and decodes in its own process (one hop less than ``lost/``: see
+      :func:`rebuild_info`).
 
     ``clients``: this daemon's ``DataClient`` per peer name.  A peer that fails a fetch
     with ``PeerLostError`` is skipped for ``down_seconds``; ``is_lost`` (membership's
@@ -673,6 +733,8 @@ class ProtectionBlobStore:
         if kind == "parity":
             with self._parity_snapshot(job, step, rest[0]) as snap:
                 return snap.info.nbytes
+        if kind == "rebuild":
+            return len(self._rebuild_info(job, step, rest[0]))
         geometry, generation = self._restore_context(job, step, rest[0])
         # The server reports errors of ``size`` to the peer but drops the connection on
         # an error in ``read``: check the quorum here, so that a read that cannot succeed
@@ -691,8 +753,15 @@ class ProtectionBlobStore:
             # buffer meanwhile, which the reader's CRC checks turn into an excluded shard.
             with self._parity_snapshot(job, step, rest[0]) as snap:
                 return memoryview(snap.view().numpy()[start:end])
+        if kind == "rebuild":
+            return memoryview(self._rebuild_info(job, step, rest[0]))[start:end]
         lost = rest[0]
         geometry, generation = self._restore_context(job, step, lost)
+        w0 = start // WINDOW_BYTES * WINDOW_BYTES
+        if end <= w0 + WINDOW_BYTES:  # inside one window (every frame of a window read)
+            win = self._window(job, step, lost, geometry, generation, w0,
+                               min(w0 + WINDOW_BYTES, geometry.size(lost)))
+            return memoryview(win[start - w0 : end - w0])  # windows are never written again
         out = np.empty(end - start, np.uint8)
         pos = start
         while pos < end:
@@ -790,6 +859,32 @@ class ProtectionBlobStore:
             return geometry, int(desc["generation"])
         raise KeyError(f"node {self.node} holds no parity of job {job} step {step}: it cannot "
                        "rebuild a lost member's data")
+
+    def _rebuild_info(self, job: str, step: int, lost: str) -> bytes:
+        geometry, generation = self._restore_context(job, step, lost)
+        self._probe(job, step, lost, geometry, generation)  # refuse early if it cannot work
+        return json.dumps({"geometry": geometry.to_json(), "generation": generation,
+                           "local": self._local_segments(job, step)}).encode()
+
+    def _local_segments(self, job: str, step: int) -> dict[str, Any]:
+        """This node's shards of ``step`` as shared-memory segments, for a loader on this
+        node to read without a socket: the payload's snapshots in rank order and the
+        parity blob of each stripe held here, each as ``[path, generation, nbytes]``.
+        (The loader brackets every read with header checks and the CRC table, so a
+        segment reused meanwhile is detected, never decoded.)"""
+        out: dict[str, Any] = {"node": self.node, "payload": [], "parity": {}}
+        with self._lock:
+            entry = self._payloads.get((job, step))
+            store = self._parity.get(job)
+        if entry is not None:
+            out["payload"] = [[s.path, s.info.generation, s.info.nbytes]
+                              for s in entry[0].snapshots]
+        for j in store.ranks() if store else []:
+            snap = store.slot(j).at_step(step, verify=False)  # type: ignore[union-attr]
+            if snap is not None:
+                with snap:
+                    out["parity"][str(j)] = [snap.path, snap.info.generation, snap.info.nbytes]
+        return out
 
     PROBE_TTL_S = 5.0  # a loader sends a size() before every range: probe once, not each
 

@@ -85,6 +85,11 @@ class CompleteSnapshot:
         self._slot, self._buffer, self._seg = slot, buffer, seg
         self._pinned = True
 
+    @property
+    def path(self) -> str:
+        """The shared-memory segment holding it (a same-node reader maps it read-only)."""
+        return self._seg.path
+
     @functools.cached_property
     def descriptor(self) -> dict[str, Any]:
         """The snapshot's descriptor (parsed on first use)."""

@@ -25,8 +25,10 @@ from ckptd.daemon.protection import (
     encode_parity,
     parity_fetcher,
     parity_job,
+    rebuild_info,
     rebuild_range,
 )
+from ckptd.daemon.shm import SnapshotReader
 from ckptd.daemon.snapshots import SnapshotStore
 from ckptd.daemon.stripes import StripeGeometry
 from ckptd.daemon.transport import DataClient, DataServer
@@ -329,6 +331,35 @@ def test_blob_store_serves_lost_payload(group) -> None:
     g.nodes["node-3"].blobs.forget_rebuilt()  # what it rebuilt before stays valid otherwise
     with pytest.raises(StorageError, match="persisted checkpoint"):
         client.get(f"lost/{JOB}/{STEP}/node-0")
+
+
+def test_rebuild_info_lets_a_reader_decode_itself(group) -> None:
+    """``rebuild/`` gives geometry, generation and the answering node's shared-memory
+    segments: a reader pulling ``block/``/``parity/`` shards and decoding in its own
+    process gets the lost payload bit-exact; the segments hold the node's exact bytes."""
+    g = group([70_001, 3, 66_000, 12_345], m=2)
+    g.protect(generation=7)
+    g.lose("node-0", "node-2")
+    info = rebuild_info(g.peers["node-3"], JOB, STEP, "node-0")
+    assert (info.geometry.digest, info.generation, info.node) == (g.geometry.digest, 7, "node-3")
+    reader, parts = SnapshotReader(), []
+    for path, generation, n in info.payload:
+        parts.append(bytearray(n))
+        reader.read_into(path, generation, 0, memoryview(parts[-1]))
+    reader.close()
+    assert b"".join(parts) == g.nodes["node-3"].data
+    assert {j for j, *_ in info.parity} == {j for j, _ in g.geometry.parity_blocks("node-3")}
+    out = bytearray(len(g.nodes["node-0"].data))
+    rebuild_range(info.geometry, "node-0", 0, len(out), out, block_fetcher(g.peers, JOB, STEP),
+                  parity_fetcher(g.peers, JOB, STEP), ErasureCodec(2, 2),
+                  generation=info.generation, step=STEP, unavailable=["node-0", "node-2"])
+    assert bytes(out) == g.nodes["node-0"].data
+    with pytest.raises(KeyError):  # not lost: nothing to rebuild
+        g.nodes["node-3"].blobs.size(f"rebuild/{JOB}/{STEP}/node-3")
+    g.lose("node-1")
+    g.nodes["node-3"].blobs.forget_rebuilt()
+    with pytest.raises(StorageError, match="persisted checkpoint"):  # refused up front
+        rebuild_info(g.peers["node-3"], JOB, STEP, "node-0")
 
 
 def test_blob_store_keys_validated(group) -> None:
