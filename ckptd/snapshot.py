@@ -156,8 +156,13 @@ class SnapshotDescriptor:
         }
 
     def dumps(self) -> bytes:
-        """Compact JSON bytes."""
-        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+        """Compact JSON bytes (encoded once: a daemon answers every status query with them,
+        and a large save's descriptor takes tens of milliseconds to encode)."""
+        cached = self.__dict__.get("_json_bytes")
+        if cached is None:
+            cached = json.dumps(self.to_json(), separators=(",", ":")).encode()
+            self.__dict__["_json_bytes"] = cached  # immutable: a cache, not state (frozen)
+        return cached
 
     @staticmethod
     def from_json(obj: dict[str, Any], *, shared: SharedParts | None = None,
