@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=a.workdir))
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_start = os.getloadavg()
     try:
         groups = shapes_for(a.size_gib)
         t = time.perf_counter()
@@ -279,7 +281,15 @@ def main() -> None:
                     flush=True,
                 )
         table = _table(results)
+        verdict = _verdict(results)
+        load_end = os.getloadavg()
         print(table)
+        print("\n".join(verdict))
+        print(
+            f"started {started}; load average (1/5/15 min) at start "
+            f"{'/'.join(f'{x:.2f}' for x in load_start)}, at end "
+            f"{'/'.join(f'{x:.2f}' for x in load_end)}"
+        )
         if a.out:
             doc = {
                 "machine": {
@@ -299,10 +309,38 @@ def main() -> None:
                     k: {"wall_s": v["wall"], "peak_rss_bytes": v["rss"]} for k, v in results.items()
                 },
                 "table": table,
+                "verdict": verdict,
+                "started_utc": started,
+                "loadavg_start": load_start,
+                "loadavg_end": load_end,
             }
             Path(a.out).write_text(json.dumps(doc, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+PAIRS = (  # (ours, the peer it is measured against)
+    ("ckpt-convert->hf(fp32)", "deepspeed zero_to_fp32"),
+    ("ckpt-convert->universal", "naive torch.load+cat+save"),
+)
+
+
+def _verdict(results: dict[str, dict[str, object]]) -> list[str]:
+    """Ours against its peer: speed-up (median wall) and peak RSS ratio (max), target
+    >= 2x faster and <= 1/4 of the memory."""
+    lines = []
+    for ours, peer in PAIRS:
+        if ours not in results or peer not in results:
+            continue
+        wo, wp = (statistics.median(results[k]["wall"]) for k in (ours, peer))  # type: ignore[arg-type]
+        mo, mp = (max(results[k]["rss"]) for k in (ours, peer))  # type: ignore[call-overload]
+        speed, mem = wp / wo, mo / mp
+        met = "met" if speed >= 2 and mem <= 0.25 else "NOT met"
+        lines.append(
+            f"{ours} vs {peer}: {speed:.2f}x faster, {mem:.2f}x the peak RSS "
+            f"(target >= 2x, <= 0.25x: {met})"
+        )
+    return lines
 
 
 def _table(results: dict[str, dict[str, object]]) -> str:

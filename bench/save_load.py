@@ -630,6 +630,7 @@ def main(argv: list[str] | None = None) -> None:
         return child(args)
 
     names, results = select(args.cases), {}
+    started, load_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()
     size = int(args.size_gib * GIB)
     n_params = sum(torch.Size(s).numel() for _, s in gpt_shapes(size))
     print(f"state: {n_params / 1e6:.1f}M params, {3 * n_params * 4 / GIB:.2f} GiB; cases: {names}")
@@ -649,11 +650,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + table)
     meta = {"size_gib": args.size_gib, "repeats": args.repeats, "warmup": args.warmup,
             "params": n_params, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "python": sys.version.split()[0]}  # fmt: skip
+            "cpus": os.cpu_count(), "python": sys.version.split()[0], "started": started,
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "results": results, "table": table}
     Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"\nwrote {args.out}")
+    print(f"\nstarted {started}, load average {meta['loadavg_start']} -> {meta['loadavg_end']}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

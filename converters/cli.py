@@ -11,13 +11,20 @@ With ``--json`` one JSON object goes to stdout (``ok`` always set, ``error`` on 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from typing import Any
 
 import click
 
-from ckptd.converters.convert import ConvertOptions, execute, parse_size, plan_conversion
+from ckptd.converters.convert import (
+    ConvertOptions,
+    execute,
+    open_source_for,
+    parse_size,
+    plan_conversion,
+)
 from ckptd.converters.sources import SOURCES
 from ckptd.converters.sources.namemap import load_name_map
 from ckptd.converters.spec import parse_vars
@@ -153,6 +160,7 @@ def main(
     progress: bool | None,
 ) -> None:
     """Convert the checkpoint SRC into DST, streaming tensor by tensor."""
+    _freeze_imports()
     try:
         options = ConvertOptions(
             source_format=source_format,
@@ -170,15 +178,16 @@ def main(
             else (),
             spec=spec,
         )
-        plan = plan_conversion(src, dst, options)
-        if dry_run:
-            doc = plan.to_json()
-            if as_json:
-                click.echo(json.dumps({"ok": True, "dry_run": True, **doc}, indent=2))
-            else:
-                _print_plan(doc)
-            return
-        result = execute(plan, options)
+        with open_source_for(src, options) as source:  # opened once for plan and execute
+            plan = plan_conversion(src, dst, options, source=source)
+            if dry_run:
+                doc = plan.to_json()
+                if as_json:
+                    click.echo(json.dumps({"ok": True, "dry_run": True, **doc}, indent=2))
+                else:
+                    _print_plan(doc)
+                return
+            result = execute(plan, options, source=source)
     except (CkptError, OSError, ValueError) as e:
         if as_json:
             click.echo(json.dumps({"ok": False, "error": _line(e)}))
@@ -193,6 +202,19 @@ def main(
             + (f" ({len(result.resumed)} resumed)" if result.resumed else ""),
             err=True,
         )
+
+
+def _freeze_imports() -> None:
+    """Keep what is alive when the command starts (interpreter, torch and ckptd modules:
+    ~170k objects) out of the cyclic garbage collector's full collections.
+
+    Each full collection rescans them otherwise: measured 0.07-0.12 s each, one or two
+    per conversion plus one at interpreter exit, as much as a fifth of the work of
+    converting a 2 GiB checkpoint beyond importing torch. The command owns its process,
+    so this is not undone (the exit collection skips them too); modules and their
+    functions stay alive until exit anyway. The library (:func:`convert`) never does this.
+    """
+    gc.freeze()
 
 
 if __name__ == "__main__":

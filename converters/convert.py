@@ -23,6 +23,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from ckptd.converters.sources import open_source
 from ckptd.converters.sources.base import (
     PlanError,
+    Source,
     SourceState,
     TargetExistsError,
     TensorInfo,
@@ -207,8 +209,7 @@ def build_plan(
             continue
         if new in seen:
             raise PlanError(
-                f"source tensors {seen[new]!r} and {src!r} both map to {new!r}; "
-                "fix the name map"
+                f"source tensors {seen[new]!r} and {src!r} both map to {new!r}; fix the name map"
             )
         seen[new] = src
         target.validate_name(new)
@@ -226,30 +227,44 @@ def _is_optim(*names: str) -> bool:
     return any(n.startswith(OPTIM_PREFIXES) for n in names)
 
 
-def plan_conversion(src: str, dst: str, options: ConvertOptions) -> ConversionPlan:
-    """Open ``src`` (metadata only), lay out ``dst`` and return the plan; writes nothing."""
-    with open_source(
+def open_source_for(src: str, options: ConvertOptions) -> Source:
+    """Open ``src`` as :func:`plan_conversion` does (the caller closes it)."""
+    return open_source(
         src, options.source_format, options.step, options.workers, options.variables, options.spec
-    ) as source:
-        target = open_target(dst, options.target_format, _target_options(source.step, options))
-        variables = {**getattr(source, "variables", {}), **dict(options.variables)}
-        moves, dropped, outputs = build_plan(
-            source.tensors(), target, options.name_map, options.weights_only, variables
-        )
-        plan = ConversionPlan(
-            source_format=source.format,
-            source_path=src,
-            source_step=source.step,
-            source_fingerprint=source.fingerprint(),
-            target_format=target.format,
-            target_path=dst,
-            target_options=target.options,
-            moves=moves,
-            dropped=dropped,
-            skipped=tuple(source.skipped()),
-            outputs=outputs,
-            destination=Existing.ABSENT.value,
-        )
+    )
+
+
+def plan_conversion(
+    src: str, dst: str, options: ConvertOptions, *, source: Source | None = None
+) -> ConversionPlan:
+    """Open ``src`` (metadata only), lay out ``dst`` and return the plan; writes nothing.
+
+    ``source``: ``src`` already opened with :func:`open_source_for`, to be reused by
+    :func:`execute` (opening a DeepSpeed or Megatron source unpickles every file's
+    metadata); the caller closes it.
+    """
+    if source is None:
+        with open_source_for(src, options) as opened:
+            return plan_conversion(src, dst, options, source=opened)
+    target = open_target(dst, options.target_format, _target_options(source.step, options))
+    variables = {**getattr(source, "variables", {}), **dict(options.variables)}
+    moves, dropped, outputs = build_plan(
+        source.tensors(), target, options.name_map, options.weights_only, variables
+    )
+    plan = ConversionPlan(
+        source_format=source.format,
+        source_path=src,
+        source_step=source.step,
+        source_fingerprint=source.fingerprint(),
+        target_format=target.format,
+        target_path=dst,
+        target_options=target.options,
+        moves=moves,
+        dropped=dropped,
+        skipped=tuple(source.skipped()),
+        outputs=outputs,
+        destination=Existing.ABSENT.value,
+    )
     fp = _fingerprint(plan)
     existing = target.existing(fp)
     return _replace(plan, fingerprint=fp, destination=existing.value)
@@ -294,12 +309,15 @@ def execute(
     options: ConvertOptions,
     *,
     on_tensor: Callable[[str, bool], None] | None = None,
+    source: Source | None = None,
 ) -> ConvertResult:
     """Carry out ``plan``: stream every tensor into the target, resume, commit last.
 
     ``on_tensor(target_name, resumed)`` is called after each tensor is durable (or was
-    verified after an interruption). Raises :class:`TargetExistsError` if the
-    destination holds a checkpoint and ``options.overwrite`` is false.
+    verified after an interruption). ``source``: the source the plan was made from, still
+    open (checked against the plan's fingerprint; the caller closes it); otherwise the
+    plan's source is opened again. Raises :class:`TargetExistsError` if the destination
+    holds a checkpoint and ``options.overwrite`` is false.
     """
     t0 = time.perf_counter()
     target = open_target(plan.target_path, plan.target_format, plan.target_options)
@@ -316,15 +334,18 @@ def execute(
                 "pass --overwrite to replace it"
             )
         target.clear()
-    source = open_source(
-        plan.source_path,
-        plan.source_format,
-        plan.source_step,
-        options.workers,
-        options.variables,
-        options.spec,
-    )
-    with source:
+    if source is None:
+        owned: AbstractContextManager[Source] = open_source(
+            plan.source_path,
+            plan.source_format,
+            plan.source_step,
+            options.workers,
+            options.variables,
+            options.spec,
+        )
+    else:
+        owned = nullcontext(source)
+    with owned as source:
         if source.fingerprint() != plan.source_fingerprint:
             raise PlanError(f"source {plan.source_path!r} changed since it was planned; plan again")
         by_target = {m.target: m for m in plan.moves}
@@ -333,10 +354,7 @@ def execute(
         resumed: list[str] = []
 
         assembler = Assembler(source, {m.target: (m.source, m.segments) for m in plan.moves})
-
-        def fetch(name: str) -> torch.Tensor:
-            m = by_target[name]
-            return assembler.fetch(name, TensorInfo(m.target, m.dtype, m.shape))
+        fetch = _Fetcher(assembler, by_target)
 
         def on_done(name: str, nbytes: int, was_resumed: bool) -> None:
             bar.update(nbytes)
@@ -379,6 +397,28 @@ def execute(
     )
 
 
+@dataclass
+class _Fetcher:
+    """The executor's :class:`~ckptd.converters.targets.base.Fetch`: plan names in,
+    tensors (or byte ranges of them) out, through the name map's assembler."""
+
+    assembler: Assembler
+    moves: dict[str, TensorMove]
+
+    def _info(self, name: str) -> TensorInfo:
+        m = self.moves[name]
+        return TensorInfo(m.target, m.dtype, m.shape)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.assembler.fetch(name, self._info(name))
+
+    def range(self, name: str, start: int, out: memoryview) -> None:
+        self.assembler.fetch_range(name, self._info(name), start, out)
+
+    def prefetch(self, name: str, start: int, nbytes: int) -> None:
+        self.assembler.prefetch(name, start, nbytes)
+
+
 def convert(
     src: str,
     dst: str,
@@ -386,9 +426,11 @@ def convert(
     *,
     on_tensor: Callable[[str, bool], None] | None = None,
 ) -> ConvertResult:
-    """Plan, then execute, the conversion of ``src`` into ``dst``."""
+    """Plan, then execute, the conversion of ``src`` into ``dst`` (opening ``src`` once)."""
     options = options or ConvertOptions()
-    return execute(plan_conversion(src, dst, options), options, on_tensor=on_tensor)
+    with open_source_for(src, options) as source:
+        plan = plan_conversion(src, dst, options, source=source)
+        return execute(plan, options, on_tensor=on_tensor, source=source)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

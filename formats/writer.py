@@ -9,6 +9,9 @@ of becoming one tiny object each (see docs/format.md, "packs").
 Call order (one writer per rank per checkpoint): ``write_array_metadata`` for arrays
 this rank owns chunk 0 of, ``submit`` for every chunk, then ``finish`` once; ``finish``
 returns only after every put has returned (bytes durable) and raises the first error.
+The small array metadata objects are put by ``finish`` while the pool writes the last
+chunks, so that the first chunk reaches the disk without waiting behind a hundred tiny
+file creations (measured: ~0.05 s of an idle disk per 2 GiB save).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ PACK_TARGET_BYTES = 64 << 20
 class WriterOptions:
     """Tunables of the chunk writer."""
 
-    workers: int = 4
+    # Chunks written at once. Measured here (bench/disk_probe.py and 2 GiB saves): the
+    # virtual disk writes ~5-10 % faster with 8 requests in flight than with 4 (and
+    # each chunk's file creation and CRC overlap the others' writes); 12-16 gain nothing.
+    workers: int = 8
     small_tensor_bytes: int = 1 << 20  # tensors up to this size are packed
     max_inflight_bytes: int = 512 << 20  # bound on chunks queued but not yet written
 
@@ -85,11 +91,13 @@ class CheckpointWriter:
         self._pack_members: list[tuple[str, tuple[int, ...], int, int, int]] = []
         self._pack_seq = 0
         self._records: list[tuple[str, ChunkRecord]] = []
+        self._metadata: list[TensorRecord] = []  # put by finish()
         self.bytes_written = 0
 
     def write_array_metadata(self, rec: TensorRecord) -> None:
-        """Write ``<name>/zarr.json`` for an unpacked array (one rank per tensor)."""
-        self._batch.put(f"{self._prefix}{rec.name}/zarr.json", array_metadata_bytes(rec))
+        """Queue ``<name>/zarr.json`` of an unpacked array (one rank per tensor); it is put
+        by :meth:`finish`, durable with the chunks."""
+        self._metadata.append(rec)
 
     def submit(self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor) -> None:
         """Queue one chunk (its data must stay valid until :meth:`finish` returns).
@@ -161,11 +169,14 @@ class CheckpointWriter:
     def finish(self) -> list[tuple[str, ChunkRecord]]:
         """Wait for every chunk, flush packs; return ``(tensor name, record)`` pairs."""
         try:
+            for rec in self._metadata:  # overlaps the pool's last chunk writes
+                self._batch.put(f"{self._prefix}{rec.name}/zarr.json", array_metadata_bytes(rec))
+            self._metadata.clear()
+            self._flush_pack()
             for f in self._futures:
                 res = f.result()
                 if res is not None:
                     self._records.append(res)
-            self._flush_pack()
             self._batch.flush()  # every byte durable before anyone may commit
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)

@@ -70,7 +70,7 @@ def test_read_touches_only_the_ranks_holding_a_param(tmp_path: Path) -> None:
     src = DeepSpeedSource(str(tmp_path / "ds"))
     opened: list[str] = []
     real = src._pread
-    src._pread = lambda loc, *a: (opened.append(os.path.basename(loc.path)), real(loc, *a))[1]  # type: ignore[method-assign]
+    src._pread = lambda path, *a: (opened.append(os.path.basename(path)), real(path, *a))[1]  # type: ignore[method-assign]
     name = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
     src.read("optim.state.embed.weight.exp_avg")  # [0, 77) of group 0, partitions of 66
     assert opened == [name.format(0), name.format(1)]
@@ -115,7 +115,6 @@ def test_partition_mismatch_is_a_typed_error(tmp_path: Path) -> None:
     os.remove(tmp_path / "ds" / "global_step5" / "zero_pp_rank_3_mp_rank_00_optim_states.pt")
     with pytest.raises(SourceFormatError, match="partition_count 4"):
         DeepSpeedSource(str(tmp_path / "ds"))
-
 
 
 def test_deepspeed_root_is_detected_without_from(tmp_path: Path) -> None:

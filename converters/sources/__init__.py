@@ -1,36 +1,73 @@
 """Checkpoint sources of ``ckpt-convert``: detection by markers, and a registry.
 
 A new source format (DeepSpeed, Megatron) is a :class:`Source` subclass registered in
-:data:`SOURCES`; detection asks each class's ``detect`` in registry order.
+:data:`FORMATS` with its module, class name and marker check (``markers.is_<format>``);
+detection asks every marker check, in registry order, without importing any reader;
+:data:`SOURCES` imports a format's module the first time its class is looked up, so a
+conversion loads only the reader it uses (fsspec's ``known_implementations`` works so).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import import_module
 
+from ckptd.converters.sources import markers
 from ckptd.converters.sources.base import (
     FormatDetectionError,
     Source,
     SourceNotFoundError,
     TensorInfo,
 )
-from ckptd.converters.sources.dcp import DCPSource
-from ckptd.converters.sources.deepspeed import DeepSpeedSource
-from ckptd.converters.sources.hf import HFSource
-from ckptd.converters.sources.megatron import MegatronSource
-from ckptd.converters.sources.megatron_dist import MegatronDistSource
-from ckptd.converters.sources.universal import UniversalSource
 
-SOURCES: dict[str, type[Source]] = {
-    "universal": UniversalSource,
-    "hf": HFSource,
-    "dcp": DCPSource,
-    "deepspeed": DeepSpeedSource,
-    "megatron": MegatronSource,
-    "megatron_dist": MegatronDistSource,
+
+@dataclass(frozen=True)
+class Format:
+    """A registered source format: where its class lives, and how to recognize it."""
+
+    module: str
+    cls: str
+    detect: Callable[[str], bool]
+
+    def load(self) -> type[Source]:
+        """The source class (imports its module)."""
+        cls: type[Source] = getattr(import_module(self.module), self.cls)
+        return cls
+
+
+_PKG = __name__
+FORMATS: dict[str, Format] = {
+    "universal": Format(f"{_PKG}.universal", "UniversalSource", markers.is_universal),
+    "hf": Format(f"{_PKG}.hf", "HFSource", markers.is_hf),
+    "dcp": Format(f"{_PKG}.dcp", "DCPSource", markers.is_dcp),
+    "deepspeed": Format(f"{_PKG}.deepspeed", "DeepSpeedSource", markers.is_deepspeed),
+    "megatron": Format(f"{_PKG}.megatron", "MegatronSource", markers.is_megatron),
+    "megatron_dist": Format(
+        f"{_PKG}.megatron_dist", "MegatronDistSource", markers.is_megatron_dist
+    ),
 }
+
+
+class _Registry(Mapping[str, type[Source]]):
+    """Format name -> source class, imported on first lookup."""
+
+    def __getitem__(self, name: str) -> type[Source]:
+        return FORMATS[name].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FORMATS)
+
+    def __len__(self) -> int:
+        return len(FORMATS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in FORMATS  # without importing the class
+
+
+SOURCES: Mapping[str, type[Source]] = _Registry()
 # A format whose markers include another's: when both detect, the refinement wins
 # (a torch_dist directory is a DCP directory, under a Megatron root).
 REFINES = {"megatron_dist": ("dcp", "megatron")}
@@ -45,8 +82,8 @@ ALIASES = {
 def canonical_format(name: str) -> str:
     """``safetensors`` -> ``hf``; raises ``FormatDetectionError`` on an unknown name."""
     fmt = ALIASES.get(name, name)
-    if fmt not in SOURCES:
-        raise FormatDetectionError(f"unknown format {name!r}; known: {sorted(SOURCES)}")
+    if fmt not in FORMATS:
+        raise FormatDetectionError(f"unknown format {name!r}; known: {sorted(FORMATS)}")
     return fmt
 
 
@@ -55,7 +92,7 @@ def detect_source(path: str) -> str:
     remote = "://" in path and not path.startswith("file://")
     if not remote and not os.path.exists(path.removeprefix("file://")):
         raise SourceNotFoundError(f"source {path!r} does not exist")
-    found = [name for name, cls in SOURCES.items() if cls.detect(path)]
+    found = [name for name, fmt in FORMATS.items() if fmt.detect(path)]
     found = [f for f in found if not any(f in REFINES.get(o, ()) for o in found)]
     if not found:
         raise FormatDetectionError(
@@ -94,4 +131,13 @@ def open_source(
     return cls(path, step, workers, **{k: v for k, v in extra.items() if k in accepted})
 
 
-__all__ = ["SOURCES", "Source", "TensorInfo", "canonical_format", "detect_source", "open_source"]
+__all__ = [
+    "FORMATS",
+    "SOURCES",
+    "Format",
+    "Source",
+    "TensorInfo",
+    "canonical_format",
+    "detect_source",
+    "open_source",
+]

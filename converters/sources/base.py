@@ -6,20 +6,32 @@ and then reads one whole tensor at a time, in any order, when the executor asks 
 The executor holds at most one tensor from a source at a time (bounded memory), so a
 source must not keep references to tensors it returned.
 
+A streaming target (Hugging Face safetensors) asks instead for byte ranges of a tensor's
+raw data (:meth:`Source.read_range`), window by window, so that no whole tensor is held:
+sources whose files store a tensor's bytes as they are (safetensors, DeepSpeed flat
+partitions) read just that range; chunked or sharded ones (universal, Megatron) read the
+boxes the range covers; the default reads the whole tensor once and keeps it until its
+last byte was asked for.
+
 The errors of the converter live here too, since sources and targets both raise them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from ckptd.dtypes import itemsize_of
+from ckptd.dtypes import itemsize_of, torch_dtype
 from ckptd.errors import CkptError
+from ckptd.fragments import Box, flat_range_to_boxes
 
 Shape = tuple[int, ...]
 
@@ -84,6 +96,7 @@ class Source(ABC):
         self.path = path
         self.requested_step = step
         self.workers = workers
+        self._range_cache: tuple[str, memoryview] | None = None  # see read_range
 
     @classmethod
     @abstractmethod
@@ -97,6 +110,35 @@ class Source(ABC):
     @abstractmethod
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor ``name``."""
+
+    def read_range(self, name: str, start: int, out: memoryview) -> None:
+        """Bytes ``[start, start + out.nbytes)`` of tensor ``name``'s raw data into ``out``.
+
+        The raw data is what safetensors stores: the tensor in its listed dtype, row-major,
+        little-endian. Callers ask for consecutive ranges of one tensor before the next
+        (a window writer). This default reads the whole tensor once and keeps it until
+        its last byte was asked for (memory: one tensor, as for :meth:`read`); sources
+        that can read a part override it.
+        """
+        cached = self._range_cache
+        if cached is None or cached[0] != name:
+            self._range_cache = None  # drop the previous tensor before reading the next
+            self._range_cache = cached = (name, raw_bytes(self.read(name)))
+        raw = cached[1]
+        end = start + out.nbytes
+        if not 0 <= start <= end <= raw.nbytes:
+            raise PlanError(f"byte range [{start}, {end}) outside tensor {name!r}")
+        out[:] = raw[start:end]
+        if end == raw.nbytes:
+            self._range_cache = None
+
+    def prefetch(self, name: str, start: int, nbytes: int) -> None:  # noqa: B027
+        """Hint: bytes ``[start, start + nbytes)`` of ``name`` will be asked for next.
+
+        Sources that read file ranges start reading them in the background (kernel
+        readahead), so that the read of the next window overlaps the current one. The
+        default does nothing; a hint never fails a conversion.
+        """
 
     @abstractmethod
     def fingerprint(self) -> str:
@@ -135,6 +177,52 @@ def check_read(info: TensorInfo, t: torch.Tensor, where: str) -> torch.Tensor:
             f"its metadata says {info.dtype}{list(info.shape)}"
         )
     return t
+
+
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """Little-endian bytes of a CPU tensor, without a copy if it is contiguous."""
+    if sys.byteorder != "little":
+        raise SourceFormatError("ckpt-convert reads and writes raw tensor bytes little-endian")
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def advise_willneed(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to read ``nbytes`` of ``fd`` from ``offset`` in the background.
+
+    Measured on a cold page cache here: reading 640 MiB of DeepSpeed partitions in
+    16 MiB ``preadv`` calls took 0.97-1.06 s, 0.72-0.81 s with the next window advised
+    while the current one is read. Only a hint: errors are ignored.
+    """
+    # AttributeError: no posix_fadvise (macOS); OSError: a file that refuses advice.
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+
+
+def read_range_by_boxes(
+    info: TensorInfo, read_box: Callable[[Box], torch.Tensor], start: int, out: memoryview
+) -> None:
+    """:meth:`Source.read_range` for a source that reads regions (boxes) of a tensor.
+
+    The byte range is widened to whole elements, split into at most ``2 * ndim - 1``
+    boxes of the row-major flattening (partial row, whole rows, partial row), each box
+    read with ``read_box`` and its bytes copied into ``out``: memory is about twice the
+    range, never the whole tensor.
+    """
+    size = itemsize_of(info.dtype)
+    end = start + out.nbytes
+    if not 0 <= start <= end <= info.nbytes:
+        raise PlanError(f"byte range [{start}, {end}) outside tensor {info.name!r}")
+    if end == start:
+        return
+    first, last = start // size, -(-end // size)
+    part = torch.empty(last - first, dtype=torch_dtype(info.dtype))
+    for off, box in flat_range_to_boxes(info.shape, first, last):
+        part[off : off + box.numel].copy_(read_box(box).reshape(-1))
+    skip = start - first * size
+    out[:] = raw_bytes(part)[skip : skip + out.nbytes]
 
 
 class InventorySource(Source):

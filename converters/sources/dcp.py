@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ckptd.converters.sources import markers
 from ckptd.converters.sources.base import (
     InventorySource,
     SourceNotFoundError,
@@ -26,7 +27,7 @@ from ckptd.converters.sources.base import (
 )
 from ckptd.dtypes import dtype_name, torch_dtype
 
-METADATA_NAME = ".metadata"
+METADATA_NAME = markers.DCP_METADATA
 
 
 def _reader_class() -> type:
@@ -67,7 +68,7 @@ class DCPSource(InventorySource):
 
     @classmethod
     def detect(cls, path: str) -> bool:
-        return os.path.isfile(os.path.join(path, METADATA_NAME))
+        return markers.is_dcp(path)
 
     def read(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp

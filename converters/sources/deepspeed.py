@@ -33,9 +33,11 @@ truncated or corrupt file raises :class:`SourceFormatError`.
 
 Speed and memory: each file is unpickled once, on the meta device
 (``map_location="meta"``: structure, dtypes, shapes and each storage's offset in the
-file, no data). A tensor read is then one ``preadv`` per file range straight into the
-output tensor: no mapping whose touched pages would count as resident memory, no
-second unpickling; memory stays about one tensor.
+file, no data). A tensor's raw bytes then lie in known file ranges (one per rank that
+holds a part of it): a whole-tensor read is one ``preadv`` per range straight into the
+output tensor, and :meth:`DeepSpeedSource.read_range` reads just the asked bytes of
+those ranges into the caller's (window) buffer; no mapping whose touched pages would
+count as resident memory, no second unpickling.
 """
 
 from __future__ import annotations
@@ -52,17 +54,21 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckptd.converters.sources import markers
 from ckptd.converters.sources.base import (
     InventorySource,
+    PlanError,
     SourceFormatError,
     SourceNotFoundError,
     TensorInfo,
+    advise_willneed,
     check_read,
+    raw_bytes,
 )
-from ckptd.dtypes import dtype_name
+from ckptd.dtypes import dtype_name, torch_dtype
 
-LATEST = "latest"
-MODEL_GLOB = "*_model_states.pt"
+LATEST = markers.DS_LATEST
+MODEL_GLOB = markers.DS_MODEL_GLOB
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 OPTIM_KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -130,11 +136,7 @@ def load_pt(path: str, *, meta: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         text = str(e)
         m = _GLOBAL_RE.search(text)
-        what = (
-            f"global {m.group(1)}"
-            if m
-            else (text.strip().splitlines() or [type(e).__name__])[0]
-        )
+        what = f"global {m.group(1)}" if m else (text.strip().splitlines() or [type(e).__name__])[0]
         raise UnsafePickleError(
             f"{path}: refused to unpickle {what}: only tensors, containers and the "
             f"DeepSpeed objects {', '.join(DEEPSPEED_GLOBALS)} are allowed (weights_only "
@@ -142,6 +144,16 @@ def load_pt(path: str, *, meta: bool = False) -> Any:
         ) from e
     except Exception as e:  # truncated zip, bad magic, I/O: no other way to read it
         raise SourceFormatError(f"{path}: cannot read the torch file: {e}") from e
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Bytes ``[lo, hi)`` of a tensor's raw data lie in ``path`` from byte ``offset``."""
+
+    path: str
+    offset: int
+    lo: int
+    hi: int
 
 
 @dataclass(frozen=True)
@@ -333,8 +345,7 @@ class DeepSpeedSource(InventorySource):
             per_rank = {s[g] for s in sizes[:-1]} or {sizes[-1][g]}
             if len(per_rank) != 1 or sizes[-1][g] > min(per_rank):
                 raise SourceFormatError(
-                    f"{self.dir}: group {g} partitions differ across ranks: "
-                    f"{[s[g] for s in sizes]}"
+                    f"{self.dir}: group {g} partitions differ across ranks: {[s[g] for s in sizes]}"
                 )
             part, off = per_rank.pop(), 0
             self._parts.append(part)
@@ -385,27 +396,13 @@ class DeepSpeedSource(InventorySource):
             if loc.numel != 1:
                 raise SourceFormatError(f"{f}: group {g} step has {loc.numel} elements")
             out = torch.empty(1, dtype=loc.dtype)
-            self._pread(loc, 0, out)
+            self._pread(f, loc.offset, raw_bytes(out))
             s = out
         return None if s is None else float(s)
 
     @classmethod
     def detect(cls, path: str) -> bool:
-        p = path.removeprefix("file://")
-        if "://" in p or not os.path.isdir(p):
-            return False
-        if glob.glob(os.path.join(glob.escape(p), MODEL_GLOB)):
-            return True
-        latest = os.path.join(p, LATEST)
-        if not os.path.isfile(latest):
-            return False
-        try:
-            with open(latest, encoding="utf-8") as f:
-                tag = f.read(4096).strip()
-        except (OSError, UnicodeDecodeError):
-            return False
-        d = os.path.join(p, tag)
-        return bool(tag) and bool(glob.glob(os.path.join(glob.escape(d), MODEL_GLOB)))
+        return markers.is_deepspeed(path)
 
     @property
     def step(self) -> int | None:
@@ -413,70 +410,77 @@ class DeepSpeedSource(InventorySource):
 
     def read(self, name: str) -> torch.Tensor:
         info = self._infos[name]
+        where = self.model_file if name.startswith("model.") else self.optim_files[0]
+        spans = self._spans(name)
+        if spans is not None:
+            t = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+            self._read_spans(name, spans, 0, raw_bytes(t))
+        elif name.startswith("model."):  # a strided view (rare): read through a mapping
+            obj = load_pt(self.model_file)
+            try:
+                t = obj["module"][name.removeprefix("model.")].clone()
+            finally:
+                del obj
+        else:  # a param group's step
+            fqn = name.removeprefix("optim.state.").rsplit(".", 1)[0]
+            t = torch.tensor(self._steps[self._params[fqn].group], dtype=torch.float32)
+        return check_read(info, t, where)
+
+    def read_range(self, name: str, start: int, out: memoryview) -> None:
+        """``preadv`` of just the asked bytes from the file ranges that hold them."""
+        spans = self._spans(name)
+        if spans is None:
+            super().read_range(name, start, out)
+        else:
+            self._read_spans(name, spans, start, out)
+
+    def prefetch(self, name: str, start: int, nbytes: int) -> None:
+        """``posix_fadvise(WILLNEED)`` on the file ranges under the bytes asked for next."""
+        spans = self._spans(name) if hasattr(os, "posix_fadvise") else None
+        for sp in spans or ():
+            lo, hi = max(sp.lo, start), min(sp.hi, start + nbytes)
+            if lo < hi:
+                advise_willneed(self._fd(sp.path), sp.offset + lo - sp.lo, hi - lo)
+
+    def _read_spans(self, name: str, spans: list[_Span], start: int, out: memoryview) -> None:
+        end = start + out.nbytes
+        if not 0 <= start <= end <= self._infos[name].nbytes:
+            raise PlanError(f"byte range [{start}, {end}) outside tensor {name!r}")
+        for sp in spans:
+            lo, hi = max(sp.lo, start), min(sp.hi, end)
+            if lo < hi:
+                self._pread(sp.path, sp.offset + lo - sp.lo, out[lo - start : hi - start])
+
+    def _spans(self, name: str) -> list[_Span] | None:
+        """Where the raw bytes of ``name`` lie in the files (they tile the tensor), or
+        None if they cannot be read as byte ranges (a step value, a strided view)."""
         if name.startswith("model."):
             fqn = name.removeprefix("model.")
-            if fqn in self._module:
-                t = self._read_module(fqn)
-            else:
-                t = self._read_flat(self._params[fqn], "fp32")
-            return check_read(info, t, self.model_file)
-        fqn, kind = name.removeprefix("optim.state.").rsplit(".", 1)
-        p = self._params[fqn]
-        if kind == "step":
-            t = torch.tensor(self._steps[p.group], dtype=torch.float32)
-        else:
-            t = self._read_flat(p, kind)
-        return check_read(info, t, self.optim_files[0])
-
-    def _load_meta(self, path: str) -> Any:
-        _check_byteorder(path)
-        return load_pt(path, meta=True)
-
-    def _read_module(self, fqn: str) -> torch.Tensor:
-        m = self._module[fqn]
-        if m.is_contiguous():
+            m = self._module.get(fqn)
+            if m is None:  # a ZeRO-3 parameter: its fp32 master weights
+                return self._flat_spans(self._params[fqn], "fp32")
+            if not m.is_contiguous():
+                return None
             size = os.path.getsize(self.model_file)
             loc = _locate(self.model_file, m, size, f"module[{fqn!r}]")
-            out = torch.empty(m.shape, dtype=m.dtype)
-            self._pread(loc, 0, out.view(-1))
-            return out
-        obj = load_pt(self.model_file)  # a strided view (rare): read through a mapping
-        try:
-            return obj["module"][fqn].clone()
-        finally:
-            del obj
+            return [_Span(loc.path, loc.offset, 0, loc.numel * m.element_size())]
+        fqn, kind = name.removeprefix("optim.state.").rsplit(".", 1)
+        return None if kind == "step" else self._flat_spans(self._params[fqn], kind)
 
-    def _pread(self, loc: _Loc, start: int, out: torch.Tensor) -> None:
-        """Read elements ``[start, start + out.numel())`` of ``loc`` into ``out`` (1-D)."""
-        if out.numel() == 0:
-            return
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        pos = loc.offset + start * out.element_size()
-        with self._fd_lock:
-            fd = self._fds.get(loc.path)
-            if fd is None:
-                fd = self._fds[loc.path] = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
-        done = 0
-        while done < view.nbytes:
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise SourceFormatError(f"{loc.path}: ends inside a tensor (truncated?)")
-            done += n
-
-    def _read_flat(self, p: _Param, kind: str) -> torch.Tensor:
-        """Assemble ``p``'s ``kind`` from the ranks that hold a part of it (only those)."""
+    def _flat_spans(self, p: _Param, kind: str) -> list[_Span]:
+        """``p``'s ``kind`` in the flat partitions of the ranks that hold a part of it."""
         n = math.prod(p.shape)
-        out = torch.empty(n, dtype=torch.float32)
         if self.stage == 3:
             pn = math.ceil(n / self.dp)
-            spans = [(r, p.offset, r * pn, min(n, (r + 1) * pn)) for r in range(self.dp)]
+            ranges = [(r, p.offset, r * pn, min(n, (r + 1) * pn)) for r in range(self.dp)]
         else:
             part = self._parts[p.group]
-            spans = []
+            ranges = []
             for r in range(p.offset // part, (p.offset + n - 1) // part + 1 if n else 0):
                 lo, hi = max(p.offset, r * part), min(p.offset + n, (r + 1) * part)
-                spans.append((r, lo - r * part, lo - p.offset, hi - p.offset))
-        for r, src_off, lo, hi in spans:
+                ranges.append((r, lo - r * part, lo - p.offset, hi - p.offset))
+        spans = []
+        for r, src_off, lo, hi in ranges:
             if hi <= lo:
                 continue
             loc = self._locs[r][kind][p.group]
@@ -486,8 +490,30 @@ class DeepSpeedSource(InventorySource):
                     f"{dtype_name(loc.dtype)}[{loc.numel}], param {p.name!r} needs float32 "
                     f"up to {src_off + hi - lo}"
                 )
-            self._pread(loc, src_off, out[lo:hi])
-        return out.view(p.shape)
+            spans.append(_Span(loc.path, loc.offset + 4 * src_off, 4 * lo, 4 * hi))
+        return spans
+
+    def _load_meta(self, path: str) -> Any:
+        _check_byteorder(path)
+        return load_pt(path, meta=True)
+
+    def _fd(self, path: str) -> int:
+        """A read-only descriptor of ``path``, opened once (closed by :meth:`close`)."""
+        with self._fd_lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return fd
+
+    def _pread(self, path: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes of ``path`` from ``offset``."""
+        fd = self._fd(path)
+        done = 0
+        while done < view.nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise SourceFormatError(f"{path}: ends inside a tensor (truncated?)")
+            done += n
 
     def close(self) -> None:
         with self._fd_lock:

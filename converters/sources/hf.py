@@ -17,17 +17,20 @@ import sys
 
 import torch
 
+from ckptd.converters.sources import markers
 from ckptd.converters.sources.base import (
+    PlanError,
     Source,
     SourceFormatError,
     SourceNotFoundError,
     TensorInfo,
+    advise_willneed,
     check_read,
 )
 from ckptd.converters.sources.safetensors_header import HeaderEntry, read_header
 from ckptd.dtypes import dtype_name
 
-INDEX_SUFFIX = ".safetensors.index.json"
+INDEX_SUFFIX = markers.HF_INDEX_SUFFIX
 LARGE_BYTES = 16 << 20  # tensors at least this large get their own handle
 REOPEN_BYTES = 128 << 20
 
@@ -60,12 +63,11 @@ class HFSource(Source):
         self._shared: object | None = None
         self._shared_file = ""
         self._shared_bytes = 0
+        self._fds: dict[str, int] = {}  # for read_range / prefetch
 
     @classmethod
     def detect(cls, path: str) -> bool:
-        if os.path.isfile(path):
-            return path.endswith((".safetensors", INDEX_SUFFIX))
-        return bool(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+        return markers.is_hf(path)
 
     def tensors(self) -> list[TensorInfo]:
         order = sorted(
@@ -131,6 +133,46 @@ class HFSource(Source):
                 f"{path}: tensor {name!r}: file ends after {got} of its {size} bytes"
             )
 
+    def read_range(self, name: str, start: int, out: memoryview) -> None:
+        """``preadv`` of just the asked bytes: safetensors stores a tensor's raw data as is."""
+        path, entry = self._entries[name]
+        end = start + out.nbytes
+        if not 0 <= start <= end <= entry.end - entry.begin:
+            raise PlanError(f"byte range [{start}, {end}) outside tensor {name!r}")
+        got = 0
+        try:
+            fd = self._fd(path)
+            while got < out.nbytes:
+                n = os.preadv(fd, [out[got:]], entry.begin + start + got)
+                if n <= 0:
+                    break
+                got += n
+        except OSError as e:
+            raise SourceFormatError(f"{path}: tensor {name!r}: cannot read: {e}") from e
+        if got != out.nbytes:
+            raise SourceFormatError(
+                f"{path}: tensor {name!r}: file ends inside bytes [{start}, {end}) of the tensor"
+            )
+
+    def prefetch(self, name: str, start: int, nbytes: int) -> None:
+        """``posix_fadvise(WILLNEED)`` on the file range under the bytes asked for next."""
+        path, entry = self._entries[name]
+        n = min(nbytes, entry.end - entry.begin - start)
+        if n > 0 and start >= 0:
+            try:
+                fd = self._fd(path)
+            except OSError:
+                return  # only a hint; the read reports the error
+            advise_willneed(fd, entry.begin + start, n)
+
+    def _fd(self, path: str) -> int:
+        """A read-only descriptor of ``path``, opened once (many small tensors share a
+        file; closed by :meth:`close`)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
     def fingerprint(self) -> str:
         parts = [f"{f}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in self.files]
         return "hf:" + "|".join(parts)
@@ -142,6 +184,9 @@ class HFSource(Source):
 
     def close(self) -> None:
         self._close_shared()
+        fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
 
 def _resolve_files(path: str) -> tuple[list[str], dict[str, str] | None]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,26 +33,28 @@ from typing import Any
 
 import torch
 
+from ckptd.converters.sources import markers
 from ckptd.converters.sources.base import (
     InventorySource,
     SourceFormatError,
     SourceNotFoundError,
     TensorInfo,
+    read_range_by_boxes,
 )
-from ckptd.converters.spec import SpecError, compile_spec, load_shipped
+from ckptd.converters.spec.errors import SpecError
 from ckptd.dtypes import dtype_name, torch_dtype
 from ckptd.errors import LayoutError
 from ckptd.execute import piece_view
-from ckptd.fragments import Piece, RankLayout
+from ckptd.fragments import Box, Piece, RankLayout
 from ckptd.layout import build_rank_layout
 from ckptd.statedict import FlatState
 
-LATEST = "latest_checkpointed_iteration.txt"
+LATEST = markers.MEGATRON_LATEST
 RANK_FILE = "model_optim_rng.pt"
 SIDECAR = "ckptd_megatron.json"
 DEFAULT_SPEC = "megatron_llama"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_RANK_DIR = markers.MEGATRON_RANK_DIR
+_ITER_DIR = markers.MEGATRON_ITER_DIR
 MAX_OPEN = 8  # rank files kept mapped at once (one TP group of a stage, up to this)
 
 
@@ -151,28 +152,15 @@ class MegatronSource(InventorySource):
     # ------------------------------------------------------------------ metadata
     @classmethod
     def detect(cls, path: str) -> bool:
-        if "://" in path and not path.startswith("file://"):
-            return False
-        p = path.removeprefix("file://")
-        if not os.path.isdir(p):
-            return False
-        if os.path.isfile(os.path.join(p, LATEST)):
-            return True
-        names = os.listdir(p)
-        if any(_RANK_DIR.match(n) for n in names):  # an iter_XXXXXXX directory itself
-            return True
-        return any(
-            (_ITER_DIR.match(n) or n == "release")
-            and os.path.isdir(os.path.join(p, n))
-            and any(_RANK_DIR.match(m) for m in os.listdir(os.path.join(p, n)))
-            for n in names
-        )
+        return markers.is_megatron(path)
 
     @property
     def step(self) -> int | None:
         return self._iteration
 
     def _spec_for(self, tp_rank: int, pp_rank: int) -> Any:
+        from ckptd.converters.spec import compile_spec, load_shipped  # see spec/__init__
+
         variables = {**self.variables, "tp": self.tp, "pp": self.pp}
         try:
             return compile_spec(
@@ -242,35 +230,52 @@ class MegatronSource(InventorySource):
         info = self._infos.get(name)
         if info is None:
             raise KeyError(name)
-        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        return self._read_box(info, Box.whole(info.shape))
+
+    def read_range(self, name: str, start: int, out: memoryview) -> None:
+        """Only the boxes of the range's flat elements, from the ranks that hold them."""
+        info = self._infos[name]
+        read_range_by_boxes(info, lambda box: self._read_box(info, box), start, out)
+
+    def _read_box(self, info: TensorInfo, box: Box) -> torch.Tensor:
+        """Region ``box`` of the canonical tensor, assembled from the rank pieces over it."""
+        name = info.name
+        out = torch.empty(box.lengths, dtype=torch_dtype(info.dtype))
         seen: dict[tuple[Any, ...], str] = {}
         covered = 0
         for idx, key, pieces in self._holders[name]:
             path = self.ranks[idx].path
+            overlaps: list[tuple[Piece, Box]] = []
+            for p in pieces:
+                inter = p.global_box.intersect(box)
+                if inter is not None:
+                    overlaps.append((p, inter))
+            if not overlaps:
+                continue  # this rank holds no part of the region: its file is not opened
             local = self._rank_model(idx).get(key)
             if not isinstance(local, torch.Tensor):
                 raise SourceFormatError(f"{path}: tensor {key!r} missing on re-read")
             if dtype_name(local.dtype) != info.dtype:
                 raise SourceFormatError(f"{path}: tensor {key!r} changed dtype since planning")
             policy = self._policies[idx].get(key) or "check_equal"
-            for p in pieces:
-                box = (p.global_box.offsets, p.global_box.lengths)
-                src = piece_view(local, p)
-                dst = out[p.global_box.slices()]
-                if box in seen:
+            for p, inter in overlaps:
+                region = (inter.offsets, inter.lengths)
+                src = piece_view(local, p)[inter.shift(p.global_box.offsets, -1).slices()]
+                dst = out[inter.shift(box.offsets, -1).slices()]
+                if region in seen:
                     if policy == "check_equal" and not torch.equal(dst, src):
                         raise SourceFormatError(
                             f"{path}: replica {key!r} of tensor {name!r} differs from the "
-                            f"one in {seen[box]} (replicate policy check_equal)"
+                            f"one in {seen[region]} (replicate policy check_equal)"
                         )
                     continue  # take_first (average is not supported: first replica kept)
-                seen[box] = path
+                seen[region] = path
                 dst.copy_(src)
-                covered += p.global_box.numel
-        if covered != out.numel():
+                covered += inter.numel
+        if covered != box.numel:
             raise SourceFormatError(
                 f"{self.iter_dir}: tensor {name!r}: rank files cover {covered} of "
-                f"{out.numel()} elements"
+                f"{box.numel} elements of {box}"
             )
         return out
 

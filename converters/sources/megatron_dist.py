@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from ckptd.converters.sources import markers
 from ckptd.converters.sources.base import (
     InventorySource,
     SourceFormatError,
@@ -66,7 +67,7 @@ from ckptd.converters.sources.base import (
 )
 from ckptd.converters.sources.dcp import METADATA_NAME, _reader_class
 from ckptd.converters.sources.megatron import DEFAULT_SPEC, _locate, resolve_variables
-from ckptd.converters.spec import SpecError, compile_spec, load_shipped
+from ckptd.converters.spec.errors import SpecError
 from ckptd.dtypes import dtype_name, torch_dtype
 from ckptd.errors import LayoutError
 from ckptd.execute import piece_view
@@ -74,9 +75,9 @@ from ckptd.fragments import Piece
 from ckptd.layout import build_rank_layout
 from ckptd.statedict import FlatState
 
-MCORE_METADATA = "metadata.json"
+MCORE_METADATA = markers.MCORE_METADATA
 COMMON = "common.pt"
-BACKEND = "torch_dist"
+BACKEND = markers.MCORE_BACKEND
 STACK_PREFIX = "decoder.layers."
 OPTIM_PREFIX = "optimizer.state."
 # Megatron-core optimizer state key -> the universal suffix (DeepSpeed source's names).
@@ -118,15 +119,6 @@ def read_mcore_metadata(iter_dir: str) -> dict[str, Any]:
             f"(only {BACKEND!r}; zarr checkpoints: convert them with Megatron first)"
         )
     return doc
-
-
-def _is_dist_dir(d: str) -> bool:
-    try:
-        with open(os.path.join(d, MCORE_METADATA)) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("sharded_backend") == BACKEND
 
 
 @dataclass(frozen=True)
@@ -178,20 +170,7 @@ class MegatronDistSource(InventorySource):
     # ------------------------------------------------------------------ metadata
     @classmethod
     def detect(cls, path: str) -> bool:
-        if "://" in path and not path.startswith("file://"):
-            return False
-        p = path.removeprefix("file://")
-        if not os.path.isdir(p):
-            return False
-        if _is_dist_dir(p):
-            return True
-        latest = os.path.join(p, "latest_checkpointed_iteration.txt")
-        try:
-            with open(latest) as f:
-                text = f.read().strip()
-        except OSError:
-            return False
-        return text.isdigit() and _is_dist_dir(os.path.join(p, f"iter_{int(text):07d}"))
+        return markers.is_megatron_dist(path)
 
     @property
     def step(self) -> int | None:
@@ -292,6 +271,8 @@ class MegatronDistSource(InventorySource):
         param_keys = [k for k in tensors if k not in param_of]
         shapes = {k: tuple(tensors[k].shape) for k in tensors}
         variables = {**self.variables, "tp": 1, "pp": 1}
+        from ckptd.converters.spec import compile_spec, load_shipped  # see spec/__init__
+
         try:
             spec = compile_spec(load_shipped(self.spec_name), variables, coords={"tp": 0, "pp": 0})
             layout = spec.layout_for(param_keys, {k: shapes[k] for k in param_keys})

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ckptd.converters.sources.base import PlanError, TensorInfo
+from ckptd.converters.sources.base import PlanError, TensorInfo, raw_bytes
 from ckptd.dtypes import torch_dtype
 
 if TYPE_CHECKING:
@@ -143,6 +143,28 @@ class Assembler:
         self.source = source
         self.moves = moves  # target name -> (source name, segments)
         self._last: tuple[str, torch.Tensor] | None = None
+        self._assembled: tuple[str, memoryview] | None = None  # for fetch_range
+
+    def fetch_range(self, target: str, info: TensorInfo, start: int, out: memoryview) -> None:
+        """Bytes ``[start, start + out.nbytes)`` of the target tensor's raw data.
+
+        A plain move reads just that range from the source (:meth:`Source.read_range`);
+        a merged, split or transposed tensor is assembled whole once (memory: one tensor,
+        as for :meth:`fetch`) and dropped after its last byte was asked for.
+        """
+        source, segments = self.moves[target]
+        if not segments:
+            self._last = None
+            self.source.read_range(source, start, out)
+            return
+        if self._assembled is None or self._assembled[0] != target:
+            self._assembled = None
+            self._assembled = (target, raw_bytes(self.fetch(target, info)))
+        raw = self._assembled[1]
+        end = start + out.nbytes
+        out[:] = raw[start:end]
+        if end >= raw.nbytes:
+            self._assembled = None
 
     def _whole(self, name: str) -> torch.Tensor:
         if self._last is None or self._last[0] != name:
@@ -150,7 +172,14 @@ class Assembler:
             self._last = (name, self.source.read(name))
         return self._last[1]
 
+    def prefetch(self, target: str, start: int, nbytes: int) -> None:
+        """Pass a read-ahead hint to the source (plain moves only; see Source.prefetch)."""
+        source, segments = self.moves[target]
+        if not segments:
+            self.source.prefetch(source, start, nbytes)
+
     def fetch(self, target: str, info: TensorInfo) -> torch.Tensor:
+        """The whole target tensor ``target`` (see the class docstring)."""
         source, segments = self.moves[target]
         if not segments:
             self._last = None

@@ -6,7 +6,14 @@ import os
 
 import torch
 
-from ckptd.converters.sources.base import Source, SourceNotFoundError, SourceState, TensorInfo
+from ckptd.converters.sources import markers
+from ckptd.converters.sources.base import (
+    Source,
+    SourceNotFoundError,
+    SourceState,
+    TensorInfo,
+    read_range_by_boxes,
+)
 from ckptd.errors import NotCommittedError
 from ckptd.formats import commit as commit_mod
 from ckptd.formats.storage import Storage, open_storage
@@ -42,18 +49,7 @@ class UniversalSource(Source):
 
     @classmethod
     def detect(cls, path: str) -> bool:
-        if "://" in path and not path.startswith("file://"):
-            return True  # only the universal format is read from object stores
-        root, step = split_step_dir(path.removeprefix("file://"))
-        if step is not None:
-            return os.path.isfile(os.path.join(path, commit_mod.MARKER_NAME))
-        # A bare `latest` file is not enough: DeepSpeed roots have one too. Only step-N
-        # directories (committed or not) mark a universal root.
-        try:
-            names = os.listdir(root)
-        except OSError:
-            return False
-        return any(commit_mod.parse_step_dir(n) is not None for n in names)
+        return markers.is_universal(path)
 
     @property
     def step(self) -> int:
@@ -69,6 +65,12 @@ class UniversalSource(Source):
 
     def read(self, name: str) -> torch.Tensor:
         return self._reader.read(name)
+
+    def read_range(self, name: str, start: int, out: memoryview) -> None:
+        """Only the chunks under the range are read (the boxes of its flat range)."""
+        m = self._reader.meta(name)
+        info = TensorInfo(name, m.dtype, tuple(m.shape))
+        read_range_by_boxes(info, lambda box: self._reader.read_box(name, box), start, out)
 
     def fingerprint(self) -> str:
         marker = commit_mod.read_marker(self._storage, self.step)

@@ -25,7 +25,6 @@ from ckptd.converters.spec.errors import (
     SpecError,
 )
 from ckptd.converters.spec.expr import Value
-from ckptd.converters.spec.parser import parse_spec
 from ckptd.converters.spec.patterns import Matcher, check_target, compile_pattern, render
 from ckptd.converters.spec.rules import CompiledRule, Params, compile_rule
 from ckptd.converters.spec.scope import AXES, Scope
@@ -68,8 +67,13 @@ class SpecRename:
 class CompiledSpec:
     """A spec compiled for one rank (``coords``) under one set of variables."""
 
-    def __init__(self, specs: list[ast.Spec], variables: Mapping[str, int],
-                 coords: Mapping[str, int], prefix: str) -> None:
+    def __init__(
+        self,
+        specs: list[ast.Spec],
+        variables: Mapping[str, int],
+        coords: Mapping[str, int],
+        prefix: str,
+    ) -> None:
         self.specs = specs
         self.file = specs[0].file if specs else "<string>"
         self.coords = {str(k): int(v) for k, v in coords.items()}
@@ -146,7 +150,7 @@ class CompiledSpec:
         return self._located()
 
     def _strip(self, name: str) -> str:
-        return name[len(self.prefix):] if name.startswith(self.prefix) else name
+        return name[len(self.prefix) :] if name.startswith(self.prefix) else name
 
     def in_scope(self, key: str) -> bool:
         """True if ``key`` is under ``prefix`` (other keys are left to ckpt.layout)."""
@@ -200,9 +204,13 @@ class CompiledSpec:
             raise SpecCoverageError(unmatched, multiple)
 
     # ----------------------------------------------------------------- layout
-    def layout_for(self, keys: Iterable[str],
-                   shapes: Mapping[str, tuple[int, ...]] | None = None,
-                   *, strict: bool = True) -> SpecLayout:
+    def layout_for(
+        self,
+        keys: Iterable[str],
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        *,
+        strict: bool = True,
+    ) -> SpecLayout:
         """The rank's layout for its local ``keys`` (``shapes``: local shapes, optional).
 
         With ``strict`` the keys under ``prefix`` must pass :meth:`check_coverage`.
@@ -229,15 +237,22 @@ class CompiledSpec:
             self._check_no_transpose(key)
             shape = shapes.get(key)
             with self._located():
-                pl = rule.placement(params, key, tuple(shape) if shape is not None else None,
-                                    part, part_loc)
+                pl = rule.placement(
+                    params, key, tuple(shape) if shape is not None else None, part, part_loc
+                )
             if pl is not None:
                 rules[key] = pl
             if params.policy is not None:
                 policies[key] = params.policy
         rename = SpecRename(self) if self._renames else None
-        return SpecLayout(rules=rules, rename=rename, coords=dict(self.coords),
-                          exclude=tuple(dropped), dropped=tuple(dropped), policies=policies)
+        return SpecLayout(
+            rules=rules,
+            rename=rename,
+            coords=dict(self.coords),
+            exclude=tuple(dropped),
+            dropped=tuple(dropped),
+            policies=policies,
+        )
 
     def _check_no_transpose(self, key: str) -> None:
         name = key
@@ -246,9 +261,12 @@ class CompiledSpec:
             if hit is None:
                 continue
             if r.stmt.options:
-                raise SpecError(f"{key!r} is renamed with ': {r.stmt.options[0].name}', which "
-                                "only a name map (ckpt-convert --rename-map) can apply, not a "
-                                "layout", r.stmt.options[0].loc)
+                raise SpecError(
+                    f"{key!r} is renamed with ': {r.stmt.options[0].name}', which "
+                    "only a name map (ckpt-convert --rename-map) can apply, not a "
+                    "layout",
+                    r.stmt.options[0].loc,
+                )
             name = self._resolve_one(r, name, hit)
 
     def _resolve_one(self, r: _Rename, name: str, hit: tuple[int, int, dict[str, Value]]) -> str:
@@ -273,21 +291,20 @@ class CompiledSpec:
         check_target(st.target)
         for t in st.options:
             if t.name not in RENAME_OPTIONS:
-                raise SpecError(f"unknown rename option {t.name!r} (known: "
-                                f"{', '.join(RENAME_OPTIONS)})", t.loc)
+                raise SpecError(
+                    f"unknown rename option {t.name!r} (known: {', '.join(RENAME_OPTIONS)})", t.loc
+                )
             if t.args:
                 raise SpecError(f"{t.name} takes no arguments", t.args[0].loc)
         if st.axis is not None and st.axis not in AXES:
-            raise SpecError(f"unknown parallel axis {st.axis!r} (axes: {', '.join(AXES)})",
-                            st.loc)
+            raise SpecError(f"unknown parallel axis {st.axis!r} (axes: {', '.join(AXES)})", st.loc)
         local = set(m.captures) | ({st.axis_var} if st.axis_var else set())
         for item in st.target.items:
             if not isinstance(item, str):
                 self.scope.check(item, local)  # type: ignore[arg-type]
         return _Rename(st, m)
 
-    def _params(self, rule: CompiledRule, caps: Mapping[str, Value],
-                eager: bool = False) -> Params:
+    def _params(self, rule: CompiledRule, caps: Mapping[str, Value], eager: bool = False) -> Params:
         """Evaluate ``rule``'s arguments; with ``eager``, missing variables are deferred."""
         cacheable = not rule.uses_captures
         if cacheable and id(rule) in self._param_cache:
@@ -324,9 +341,13 @@ class _AddSource:
         return False
 
 
-def compile_spec(spec: SpecSource | Iterable[SpecSource], variables: Mapping[str, int] | None
-                 = None, coords: Mapping[str, int] | None = None, *,
-                 prefix: str = "") -> CompiledSpec:
+def compile_spec(
+    spec: SpecSource | Iterable[SpecSource],
+    variables: Mapping[str, int] | None = None,
+    coords: Mapping[str, int] | None = None,
+    *,
+    prefix: str = "",
+) -> CompiledSpec:
     """Compile spec text, a path, a parsed :class:`~ast.Spec`, or a list of them.
 
     ``variables``: model config and parallel sizes (``tp``, ``pp``, ``dp``, ``ep``;
@@ -350,8 +371,13 @@ def load_spec(source: SpecSource) -> ast.Spec:
     """Parse ``source`` (text, path, or an already parsed spec)."""
     if isinstance(source, ast.Spec):
         return source
+    # Imported here: lark takes ~0.1-0.15 s to import, which every ``ckpt-convert`` run
+    # paid even when no spec is parsed (the HF/DeepSpeed/universal paths).
+    from ckptd.converters.spec.parser import parse_spec
+
     if isinstance(source, os.PathLike) or (
-            "\n" not in source and ":" not in source and source.strip().endswith(".ckspec")):
+        "\n" not in source and ":" not in source and source.strip().endswith(".ckspec")
+    ):
         path = Path(source)
         try:
             text = path.read_text()

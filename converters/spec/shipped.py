@@ -8,14 +8,12 @@ from pathlib import Path
 
 from ckptd.converters.spec import ast
 from ckptd.converters.spec.errors import SpecError
-from ckptd.converters.spec.parser import parse_spec
 
 
 def list_shipped() -> list[str]:
     """Names of the shipped specs (``megatron_gpt``, ``hf_llama_to_megatron`` ...)."""
     root = resources.files(__package__).joinpath("specs")
-    return sorted(p.name[: -len(".ckspec")] for p in root.iterdir()
-                  if p.name.endswith(".ckspec"))
+    return sorted(p.name[: -len(".ckspec")] for p in root.iterdir() if p.name.endswith(".ckspec"))
 
 
 def load_shipped(name: str) -> ast.Spec:
@@ -24,6 +22,8 @@ def load_shipped(name: str) -> ast.Spec:
     if not re.fullmatch(r"[A-Za-z0-9_]+", stem) or stem not in list_shipped():
         raise SpecError(f"no shipped spec {name!r} (shipped: {', '.join(list_shipped())})")
     res = resources.files(__package__).joinpath("specs", f"{stem}.ckspec")
+    from ckptd.converters.spec.parser import parse_spec  # lazily: lark is slow to import
+
     return parse_spec(res.read_text(), f"<shipped>/{stem}.ckspec", f"<shipped>/{stem}")
 
 
@@ -40,4 +40,6 @@ def find_include(target: str, including: str | None) -> ast.Spec:
         text = path.read_text()
     except OSError as e:
         raise SpecError(f"cannot include {target!r}: {e.strerror or e}") from None
+    from ckptd.converters.spec.parser import parse_spec  # lazily: lark is slow to import
+
     return parse_spec(text, str(path), str(path))

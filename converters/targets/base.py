@@ -9,8 +9,9 @@ Call order (the executor in :mod:`ckptd.converters.convert`)::
     t.write(tensors, layout, fetch, on_done, fingerprint=..., state=..., provenance=...)
 
 ``write`` pulls each tensor with ``fetch(name)`` (one at a time: the caller's memory
-bound), calls ``on_done(name, nbytes, resumed)`` once per tensor, writes its commit
-marker last, and leaves an interrupted output resumable where the format allows it.
+bound), or streams its raw bytes in pieces with ``fetch.range(name, start, out)``,
+calls ``on_done(name, nbytes, resumed)`` once per tensor after it is durable, writes its
+commit marker last, and leaves an interrupted output resumable where the format allows.
 """
 
 from __future__ import annotations
@@ -20,14 +21,31 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ckptd.converters.sources.base import PlanError, SourceState, TensorInfo
 from ckptd.formats.posix_io import fsync_dir
 
-Fetch = Callable[[str], torch.Tensor]
+
+class Fetch(Protocol):
+    """How a target pulls tensor data from the executor (which owns the source)."""
+
+    def __call__(self, name: str) -> torch.Tensor:
+        """The whole target tensor ``name`` (hold at most one at a time)."""
+        ...
+
+    def range(self, name: str, start: int, out: memoryview) -> None:
+        """Bytes ``[start, start + out.nbytes)`` of ``name``'s raw data (its dtype,
+        row-major, little-endian) into ``out``; ask for one tensor's ranges in order."""
+        ...
+
+    def prefetch(self, name: str, start: int, nbytes: int) -> None:
+        """Hint that bytes ``[start, start + nbytes)`` of ``name`` are asked for next."""
+        ...
+
+
 OnDone = Callable[[str, int, bool], None]
 COMPLETE_MARKER = ".ckpt-convert-complete"
 PROGRESS_NAME = ".ckpt-convert-progress.json"

@@ -2,28 +2,42 @@
 
 Shards are filled greedily in plan order up to ``max_shard_size`` (a larger tensor gets
 a shard of its own), as ``transformers`` does; one shard is ``model.safetensors`` with
-no index. Each shard is streamed tensor by tensor into ``.<name>.partial`` (the header
-is known from the plan, so it is written first), fsync'd, and renamed; the index is
-written after every shard, then the marker ``.ckpt-convert-complete``.
+no index. A safetensors file is its header and then every tensor's raw bytes at offsets
+the header gives, so the whole file is known from the plan: each shard is written into
+``.<name>.partial`` as consecutive windows of ``WINDOW_BYTES`` (the header and the pieces
+of the tensors under each window, read from the source straight into an aligned buffer
+with :meth:`Fetch.range`, written with ``O_DIRECT`` by :mod:`.windows` while the next
+window is read; the file is allocated up front). No tensor is ever held whole: memory
+is a few windows. Then the shard is cut to its size, fdatasync'd and renamed; the index
+is written once every shard is renamed, then the marker ``.ckpt-convert-complete``.
 
-Resume: the sidecar ``.ckpt-convert-progress.json`` records, after each tensor is
-fsync'd, its CRC32C (and, per finished shard, the file's CRC32C). A rerun verifies the
-finished shards and the recorded tensors of the partial shard against those checksums,
-truncates after the last verified tensor and continues from there.
+Durability is batched: after every ``SYNC_BYTES`` of a shard (and at its end) the shard
+is fdatasync'd once and the sidecar ``.ckpt-convert-progress.json`` records the
+CRC32C of each window written so far; only then are the tensors that lie wholly in
+those windows reported done. A crash loses at most one batch.
+
+Resume: a rerun of the same plan verifies the recorded windows of each shard (finished
+or partial) against the bytes on disk, keeps the verified prefix, reports the tensors
+wholly inside it as resumed, and rewrites from the first window that is missing or does
+not match. A shard whose every window verifies and whose file has its final size was
+synced completely (the last batch is recorded only after the file is cut to its size
+and fdatasync'd): it is only renamed if the rename was interrupted.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c as _crc
 import torch
 
-from ckptd.converters.sources.base import SourceState, TensorInfo
+from ckptd.converters.sources.base import SourceState, TensorInfo, raw_bytes
 from ckptd.converters.sources.safetensors_header import build_header
 from ckptd.converters.targets.base import (
     COMPLETE_MARKER,
@@ -39,10 +53,16 @@ from ckptd.converters.targets.base import (
     local_path,
     remove_outputs,
 )
+from ckptd.converters.targets.windows import WindowWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_READ_BLOCK = 64 << 20
+# Window and batch sizes. Module constants (read at each write) rather than options:
+# they tune speed and memory, not the output; the sidecar records the window size, and
+# a resume with another size starts the shard over. Tests shrink them.
+WINDOW_BYTES = 16 << 20  # 3 windows in flight: ~48 MiB, whatever the tensor sizes
+SYNC_BYTES = 256 << 20  # one fdatasync + sidecar update per this many bytes of a shard
+PROGRESS_VERSION = 2
 
 
 def shard_tensors(tensors: Sequence[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
@@ -59,6 +79,7 @@ def shard_tensors(tensors: Sequence[TensorInfo], max_bytes: int) -> list[list[Te
 
 
 def shard_names(n: int) -> list[str]:
+    """File names of ``n`` shards, as ``transformers`` names them."""
     return (
         [SINGLE_NAME]
         if n == 1
@@ -68,10 +89,55 @@ def shard_names(n: int) -> list[str]:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Little-endian bytes of a CPU tensor without a copy (if it is contiguous)."""
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return raw_bytes(t)
+
+
+@dataclass(frozen=True)
+class _Extent:
+    """Bytes ``[offset, offset + nbytes)`` of a shard hold tensor ``name`` (None: header)."""
+
+    name: str | None
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+@dataclass(frozen=True)
+class _ShardFile:
+    """The bytes of one shard, known from the plan: the header, then every tensor."""
+
+    header: bytes
+    extents: tuple[_Extent, ...]  # the header's first, then one per tensor, in file order
+    starts: tuple[int, ...]  # each extent's offset (for bisection)
+
+    @classmethod
+    def build(cls, group: Sequence[TensorInfo], meta: dict[str, str]) -> _ShardFile:
+        """Lay out ``group`` (in order) behind its header."""
+        header, offsets = build_header(list(group), meta)
+        tensors = [_Extent(t.name, off, t.nbytes) for t, off in zip(group, offsets)]
+        extents = (_Extent(None, 0, len(header)), *tensors)
+        return cls(header, extents, tuple(e.offset for e in extents))
+
+    @property
+    def size(self) -> int:
+        return self.extents[-1].end
+
+    def tensor_end(self, i: int) -> int:
+        """Where the ``i``-th tensor's bytes end."""
+        return self.extents[1 + i].end
+
+    def pieces(self, lo: int, hi: int) -> Iterator[tuple[_Extent, int, int]]:
+        """The extents under file bytes ``[lo, hi)``, each with its part ``[a, b)`` there."""
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        while i < len(self.extents) and self.extents[i].offset < hi:
+            e = self.extents[i]
+            a, b = max(lo, e.offset), min(hi, e.end)
+            if a < b:
+                yield e, a, b
+            i += 1
 
 
 class HFTarget(Target):
@@ -130,7 +196,7 @@ class HFTarget(Target):
         os.makedirs(d, exist_ok=True)
         progress = _load_progress(d)
         if progress is None or progress.get("fingerprint") != fingerprint:
-            progress = {"version": 1, "fingerprint": fingerprint, "shards": {}}
+            progress = {"version": PROGRESS_VERSION, "fingerprint": fingerprint, "shards": {}}
         meta = {"format": "pt"}
         writer = _ShardWriter(d, progress, fetch, on_done)
         shards = self._shards(tensors)
@@ -148,7 +214,7 @@ class HFTarget(Target):
 
 
 class _ShardWriter:
-    """Streams shards and keeps the progress sidecar (see the module docstring)."""
+    """Streams shards window by window and keeps the progress sidecar (module docstring)."""
 
     def __init__(self, d: str, progress: dict[str, Any], fetch: Fetch, on_done: OnDone) -> None:
         self.d, self.progress, self.fetch, self.on_done = d, progress, fetch, on_done
@@ -159,87 +225,110 @@ class _ShardWriter:
         atomic_write(os.path.join(self.d, PROGRESS_NAME), json.dumps(self.progress).encode())
 
     def shard(self, fname: str, group: list[TensorInfo], meta: dict[str, str]) -> None:
+        """Write (or finish, or verify) shard ``fname`` holding ``group`` in order."""
+        window = WINDOW_BYTES
         final = os.path.join(self.d, fname)
         partial = os.path.join(self.d, f".{fname}.partial")
-        rec = self.progress["shards"].get(fname, {})
-        if rec.get("complete") and os.path.isfile(final) and _file_crc(final) == rec["crc32c"]:
-            for t in group:
-                self.resumed.append(t.name)
-                self.on_done(t.name, t.nbytes, True)
-            return
-        header, offsets = build_header(group, meta)
-        done = self._verified_prefix(partial, header, group, offsets, rec.get("tensors", {}))
-        crcs: dict[str, int] = {t.name: rec["tensors"][t.name] for t in group[:done]}
-        mode = "r+b" if done else "wb"
-        with open(partial, mode) as f:
-            if not done:
-                f.write(header)
-            crc = _crc.crc32c(header)
-            if done:  # running CRC of the verified prefix, then cut what follows it
-                f.seek(len(header))
-                crc = _range_crc(f, len(header), offsets[done - 1] + group[done - 1].nbytes, crc)
-            f.truncate(offsets[done - 1] + group[done - 1].nbytes if done else len(header))
-            for t in group[:done]:
-                self.resumed.append(t.name)
-                self.on_done(t.name, t.nbytes, True)
-            self.bytes_written += 0 if done else len(header)
-            for t, off in zip(group[done:], offsets[done:]):
-                tensor = self.fetch(t.name)
-                data = tensor_bytes(tensor)
-                f.seek(off)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-                crcs[t.name] = _crc.crc32c(data)
-                crc = _crc.crc32c(data, crc)
-                self.bytes_written += len(data)
-                del tensor, data
-                self.progress["shards"][fname] = {"complete": False, "tensors": crcs}
+        sf = _ShardFile.build(group, meta)
+        windows = -(-sf.size // window)
+        crcs = self._verified(fname, final, partial, sf.size, window)
+        if len(crcs) == windows:
+            path = final if os.path.isfile(final) else partial
+            if os.path.getsize(path) == sf.size:  # the last batch was synced and recorded
+                if path == partial:  # interrupted between that and the rename
+                    os.replace(partial, final)
+                    fsync_dir(self.d)
+                self._report(group, sf, 0, sf.size, resumed=True)
+                return
+            crcs.pop()  # not cut to its size: rewrite the last window
+        if os.path.isfile(final):  # a finished shard that no longer verifies: redo its tail
+            os.replace(final, partial)
+        reported = self._report(group, sf, 0, len(crcs) * window, resumed=True)
+        with WindowWriter(partial, window, truncate=not crcs, size=sf.size) as w:
+            unsynced = 0
+            for k in range(len(crcs), windows):
+                lo, hi = k * window, min(sf.size, (k + 1) * window)
+                # The source reads the next window in the background while this one is
+                # filled (kernel readahead on the source files) and the previous written.
+                self._prefetch(sf, hi, min(sf.size, hi + window))
+                w.put(k, hi - lo, lambda view, lo=lo: self._fill(sf, view, lo))
+                self.bytes_written += hi - lo
+                unsynced += hi - lo
+                last = k == windows - 1
+                if unsynced < SYNC_BYTES and not last:
+                    continue
+                written = w.drain()
+                crcs += [written[j] for j in range(len(crcs), k + 1)]
+                w.sync(sf.size if last else None)
+                unsynced = 0
+                rec = {"size": sf.size, "window": window, "windows": crcs}
+                self.progress["shards"][fname] = rec
                 self._save()
-                self.on_done(t.name, t.nbytes, False)
+                if not last:
+                    reported = self._report(group, sf, reported, hi)
         os.replace(partial, final)
         fsync_dir(self.d)
-        self.progress["shards"][fname] = {"complete": True, "crc32c": crc}
-        self._save()
+        self._report(group, sf, reported, sf.size)
 
-    def _verified_prefix(
+    def _fill(self, sf: _ShardFile, view: memoryview, lo: int) -> None:
+        """Window bytes ``[lo, lo + view.nbytes)`` of the shard: header and tensor pieces."""
+        for e, a, b in sf.pieces(lo, lo + view.nbytes):
+            if e.name is None:
+                view[a - lo : b - lo] = sf.header[a:b]
+            else:
+                self.fetch.range(e.name, a - e.offset, view[a - lo : b - lo])
+
+    def _prefetch(self, sf: _ShardFile, lo: int, hi: int) -> None:
+        for e, a, b in sf.pieces(lo, hi):
+            if e.name is not None:
+                self.fetch.prefetch(e.name, a - e.offset, b - a)
+
+    def _report(
         self,
-        partial: str,
-        header: bytes,
         group: list[TensorInfo],
-        offsets: list[int],
-        crcs: dict[str, int],
+        sf: _ShardFile,
+        first: int,
+        durable: int,
+        resumed: bool = False,
     ) -> int:
-        """How many leading tensors of the partial shard are stored and match their CRC."""
-        if not crcs or not os.path.isfile(partial):
-            return 0
-        with open(partial, "rb") as f:
-            if f.read(len(header)) != header:
-                return 0
-            n = 0
-            for t, off in zip(group, offsets):
-                if t.name not in crcs or _range_crc(f, off, off + t.nbytes, 0) != crcs[t.name]:
-                    break
-                n += 1
+        """Report ``group[first:]``'s tensors that end by byte ``durable``; returns the
+        index of the first tensor not reported."""
+        n = first
+        while n < len(group) and sf.tensor_end(n) <= durable:
+            if resumed:
+                self.resumed.append(group[n].name)
+            self.on_done(group[n].name, group[n].nbytes, resumed)
+            n += 1
         return n
 
-
-def _range_crc(f: Any, start: int, end: int, crc: int) -> int:
-    """CRC32C of bytes [start, end) of an open file, continued from ``crc``; -1 if short."""
-    f.seek(start)
-    pos = start
-    while pos < end:
-        block = f.read(min(_READ_BLOCK, end - pos))
-        if not block:
-            return -1
-        crc = _crc.crc32c(block, crc)
-        pos += len(block)
-    return crc
-
-
-def _file_crc(path: str) -> int:
-    with open(path, "rb") as f:
-        return _range_crc(f, 0, os.path.getsize(path), 0)
+    def _verified(self, fname: str, final: str, partial: str, size: int, window: int) -> list[int]:
+        """The recorded window CRCs of ``fname`` that the bytes on disk still match (a
+        prefix); empty if nothing is recorded for this layout."""
+        rec = self.progress["shards"].get(fname)
+        if not isinstance(rec, dict) or rec.get("size") != size or rec.get("window") != window:
+            return []
+        want = rec.get("windows")
+        path = final if os.path.isfile(final) else partial
+        if not isinstance(want, list) or not os.path.isfile(path):
+            return []
+        ok: list[int] = []
+        buf = bytearray(min(window, size))
+        with open(path, "rb", buffering=0) as f:
+            for k, crc in enumerate(want):
+                n = min(window, size - k * window)
+                if n <= 0:
+                    break
+                view = memoryview(buf)[:n]
+                got = 0
+                while got < n:
+                    r = os.preadv(f.fileno(), [view[got:]], k * window + got)
+                    if r <= 0:
+                        break
+                    got += r
+                if got != n or _crc.crc32c(view) != crc:
+                    break
+                ok.append(crc)
+        return ok
 
 
 def _load_progress(d: str) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ from ckptd.converters.sources.megatron import (
     iter_dir_name,
     rank_dir_name,
 )
-from ckptd.converters.spec import SpecError, compile_spec, load_shipped
+from ckptd.converters.spec.errors import SpecError
 from ckptd.converters.targets.base import (
     COMPLETE_MARKER,
     Existing,
@@ -132,6 +132,8 @@ class MegatronTarget(Target):
         return v
 
     def _compile(self, variables: Mapping[str, int], t: int, p: int) -> Any:
+        from ckptd.converters.spec import compile_spec, load_shipped  # see spec/__init__
+
         try:
             return compile_spec(
                 load_shipped(self.spec_name),
@@ -280,7 +282,6 @@ class MegatronTarget(Target):
             os.path.join(d, COMPLETE_MARKER), json.dumps({"fingerprint": fingerprint}).encode()
         )
         return WriteOutcome(bytes_written=written, resumed=())
-
 
 
 def _local_shape(spec: Any, key: str, info: TensorInfo) -> tuple[int, ...]:
