@@ -4,7 +4,7 @@ Used by :class:`ckptd.formats.storage.LocalStorage` and its write batch; no stor
 semantics here, only how bytes reach a local disk.
 
 Why the O_DIRECT bounce buffer is huge-page memory (measured with
-``bench/disk_probe.py``, docs/benchmarks.md "Disk"): one block request holds at most
+``bench/disk_probe.py``, docs/benchmarks.md "Save / load"): one block request holds at most
 ``max_segments`` physically contiguous segments (254 on virtio-blk). From ordinary
 4 KiB pages a request carries at most about 1 MiB, and a 1 MiB bio is split 254 + 2
 pages, so the device sees 0.5-0.8 MiB requests; from 2 MiB transparent huge pages the

@@ -57,10 +57,11 @@ def test_write_direct_replaces_a_longer_file(tmp_path) -> None:
     assert path.read_bytes() == bytes(src)
 
 
-def test_bounce_buffers_are_reused_across_threads_and_calls(tmp_path) -> None:
+def test_bounce_buffers_are_reused_across_threads_and_calls(tmp_path, monkeypatch) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    src = memoryview(bytearray(os.urandom((2 << 20) + 5)))[1:]
+    monkeypatch.setattr(posix_io, "_bounces", posix_io._BouncePool(1 << 20))  # a fresh pool
+    src = memoryview(bytearray(os.urandom((2 << 20) + 5)))[1:]  # 2 MiB: two bounce fills
     if not write_direct(str(tmp_path / "probe"), src):
         pytest.skip("this filesystem refuses O_DIRECT")
     with ThreadPoolExecutor(4) as pool:
