@@ -115,6 +115,41 @@ def apply_reads(read: ChunkRead, chunk: torch.Tensor, locals_: Mapping[str, torc
         apply_copy(op, chunk, locals_)
 
 
+def direct_destination(r: ChunkRead, locals_: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The destination view if one copy fills it with the whole chunk, contiguously in
+    CPU memory: the chunk's bytes can then be read straight into the caller's tensor."""
+    dests = direct_destinations(r, locals_)
+    return dests[0] if dests is not None and len(dests) == 1 else None
+
+
+def direct_destinations(
+    r: ChunkRead, locals_: Mapping[str, torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """Destination views that the chunk's bytes fill one after the other, or None.
+
+    That is the case when the copies cut the chunk into consecutive row ranges (whole
+    trailing dimensions: contiguous byte ranges of a C-order chunk) and every destination
+    is contiguous CPU memory, e.g. a resharded load whose new row split cuts a chunk
+    that this process needs whole. The chunk can then be read straight into them.
+    """
+    lengths = r.box.lengths
+    if not r.copies or not lengths:
+        return None
+    ops = sorted(r.copies, key=lambda op: op.chunk_region.offsets[0])
+    row = 0
+    out = []
+    for op in ops:
+        reg = op.chunk_region
+        if reg.offsets[0] != row or any(reg.offsets[1:]) or reg.lengths[1:] != lengths[1:]:
+            return None
+        dest = piece_view(locals_[op.key], op.piece)[op.piece_region.slices()]
+        if not dest.is_contiguous() or dest.device.type != "cpu":
+            return None
+        out.append(dest)
+        row += reg.lengths[0]
+    return out if row == lengths[0] else None
+
+
 def nbytes_of(box: Box, dtype: str) -> int:
     """Bytes of a box of ``dtype`` elements."""
     return math.prod(box.lengths) * torch_dtype(dtype).itemsize

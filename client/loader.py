@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -24,10 +25,10 @@ from ckpt.daemon_client import DaemonClient, job_id_for
 from ckpt.dist import DistContext
 from ckpt.memory_load import MemoryStep, execute_read, find_memory_steps, plan_memory_load
 from ckptd.errors import CkptError, MissingKeysError, StateMergeError
-from ckptd.execute import apply_reads
+from ckptd.execute import apply_reads, direct_destinations
 from ckptd.formats import commit as commit_mod
 from ckptd.formats.manifest import Manifest
-from ckptd.formats.reader import CheckpointReader
+from ckptd.formats.reader import CheckpointReader, ScratchBuffer
 from ckptd.formats.storage import Storage
 from ckptd.layout import Layout, build_rank_layout, local_tensor
 from ckptd.planner import ChunkRead, build_load_plan
@@ -113,12 +114,20 @@ def load_state(
         ThreadPoolExecutor(config.read_workers, thread_name_prefix="ckpt-read") as pool,
     ):
 
+        scratch = threading.local()  # one reused read buffer per pool thread
+
         def work(r: ChunkRead) -> int:
             if mem is not None:
                 assert daemon is not None
                 return execute_read(daemon, mem, r, locals_, local_data)
             assert reader is not None
-            chunk = reader.read_chunk(r.name, r.index, r.box)
+            dests = direct_destinations(r, locals_)
+            if dests is not None and reader.read_chunk_into(r.name, r.index, dests):
+                # No copy: the chunk's bytes were read straight into the tensors.
+                return sum(d.numel() * d.element_size() for d in dests)
+            if not hasattr(scratch, "buf"):
+                scratch.buf = ScratchBuffer()
+            chunk = reader.read_chunk(r.name, r.index, r.box, scratch.buf)
             apply_reads(r, chunk, locals_)
             return chunk.numel() * chunk.element_size()
 

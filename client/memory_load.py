@@ -22,7 +22,7 @@ import torch
 from ckpt.daemon_client import DaemonClient
 from ckpt.rebuilt import RebuiltWindows, survivor_address
 from ckptd.dtypes import torch_dtype
-from ckptd.execute import apply_copy, piece_view
+from ckptd.execute import apply_copy, direct_destination
 from ckptd.formats.manifest import Manifest, TensorRecord
 from ckptd.formats.manifest_build import split_objects
 from ckptd.fragments import Box, TensorMeta, _box
@@ -230,14 +230,3 @@ def _rows_part(op: CopyOp, a: int, b: int) -> CopyOp | None:
     p0 = op.piece_region.offsets[0] + (lo - c0)
     piece_region = _box((p0, *op.piece_region.offsets[1:]), (hi - lo, *op.piece_region.lengths[1:]))
     return CopyOp(op.key, op.piece, chunk_region, piece_region)
-
-
-def direct_destination(r: ChunkRead, locals_: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """The destination view if one copy fills it with the whole saved piece, contiguously."""
-    if len(r.copies) != 1:
-        return None
-    op = r.copies[0]
-    if op.chunk_region.lengths != r.box.lengths:
-        return None
-    dest = piece_view(locals_[op.key], op.piece)[op.piece_region.slices()]
-    return dest if dest.is_contiguous() and dest.device.type == "cpu" else None

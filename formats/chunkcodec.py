@@ -86,9 +86,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def crc32c(data: bytes | memoryview | bytearray) -> int:
-    """CRC32C of a buffer (no copy)."""
-    return _crc32c.crc32c(data)
+def crc32c(data: bytes | memoryview | bytearray, value: int = 0) -> int:
+    """CRC32C of a buffer (no copy); ``value`` continues the CRC of preceding bytes."""
+    return _crc32c.crc32c(data, value)
 
 
 def raw_block_frame(data: memoryview) -> bytes:

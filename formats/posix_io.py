@@ -1,4 +1,4 @@
-"""POSIX file writing helpers: durable directory entries, O_DIRECT, syncfs.
+"""POSIX file helpers: durable directory entries, O_DIRECT writes and reads, syncfs.
 
 Used by :class:`ckptd.formats.storage.LocalStorage` and its write batch; no storage
 semantics here, only how bytes reach a local disk.
@@ -20,6 +20,7 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 
 
 def fsync_dir(path: str) -> None:
@@ -189,6 +190,64 @@ def _write_bounced(fd: int, view: memoryview) -> None:
             off += size
     finally:
         _bounces.release(buf)
+
+
+# ------------------------------------------------------------------------------ reads
+
+
+def read_direct(path: str, start: int, outs: memoryview | Sequence[memoryview]) -> int | None:
+    """Read bytes from ``start`` of ``path`` into ``outs`` (one buffer, or several filled
+    one after the other) with O_DIRECT through a pooled bounce buffer; return the count
+    read (short at the end of the file), or None where the filesystem refuses O_DIRECT
+    (the caller then reads buffered).
+
+    Why: a cold buffered read first allocates page cache for every byte and then copies
+    it out; on this project's VMs the allocation is the slow part (the same reason
+    :func:`write_direct` exists). Measured on 1.5 GiB of chunk files, cold, 4-8 threads:
+    1.0-1.3 GB/s buffered, 1.4-1.7 GB/s O_DIRECT into a huge-page bounce buffer plus a
+    copy into the destination. Reads go in bounce-sized, block-aligned requests from
+    ``start`` rounded down.
+    """
+    dsts = [o.cast("B") for o in ([outs] if isinstance(outs, memoryview) else outs)]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    buf = _bounces.acquire()
+    try:
+        want = sum(d.nbytes for d in dsts)
+        bmv = buf.view
+        pos = start - start % DIRECT_ALIGN  # the file offset of bmv[0] in this request
+        skip = start - pos
+        done = 0
+        part, part_off = 0, 0  # where the next byte goes: dsts[part][part_off]
+        while done < want:
+            size = min(bmv.nbytes, -(-(skip + want - done) // DIRECT_ALIGN) * DIRECT_ALIGN)
+            try:
+                n = os.preadv(fd, [bmv[:size]], pos)
+            except OSError as e:
+                if e.errno == errno.EINVAL and done == 0:
+                    return None  # O_DIRECT accepted at open, refused at read (e.g. tmpfs)
+                raise
+            got = min(max(0, n - skip), want - done)
+            src = skip
+            while got:  # scatter the bytes just read over the destinations in order
+                d = dsts[part]
+                k = min(got, d.nbytes - part_off)
+                d[part_off : part_off + k] = bmv[src : src + k]
+                src, got, done, part_off = src + k, got - k, done + k, part_off + k
+                if part_off == d.nbytes:
+                    part, part_off = part + 1, 0
+            if n < size:
+                break  # end of file
+            pos += n
+            skip = 0
+        return done
+    finally:
+        _bounces.release(buf)
+        os.close(fd)
 
 
 def syncfs(path: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ckptd.dtypes import numpy_storage_dtype, torch_dtype
@@ -95,31 +95,55 @@ class CheckpointReader:
                 f"{len(missing)} object(s) needed by this load, e.g. {missing[:5]}"
             )
 
-    def read_chunk_into(self, name: str, index: tuple[int, ...], dest: torch.Tensor) -> bool:
-        """Read a raw, unpadded chunk straight into contiguous ``dest``; False if the chunk
-        needs decoding or padding removal (the caller then uses :meth:`read_chunk`)."""
+    def read_chunk_into(
+        self, name: str, index: tuple[int, ...], dest: torch.Tensor | Sequence[torch.Tensor]
+    ) -> bool:
+        """Read a raw, unpadded chunk straight into contiguous ``dest`` (one tensor, or
+        several that the chunk's bytes fill one after the other, e.g. consecutive row
+        ranges going to different tensors); False if the chunk needs decoding or padding
+        removal or the sizes do not add up (the caller then uses :meth:`read_chunk`).
+        The chunk's checksum is verified over all parts."""
+        dests = list(dest) if isinstance(dest, (list, tuple)) else [dest]
         rec = self.manifest.tensors[name]
         c = self._chunks[name][index]
-        nbytes = dest.numel() * dest.element_size()
-        if rec.codec != "raw" or not dest.is_contiguous() or c.length != nbytes:
+        nbytes = sum(d.numel() * d.element_size() for d in dests)
+        if rec.codec != "raw" or c.length != nbytes or not all(d.is_contiguous() for d in dests):
             return False
         where = f"tensor {name!r} chunk {list(index)} ({self.prefix}{c.object})"
-        out = memoryview(dest.reshape(-1).view(torch_dtype("uint8")).numpy()).cast("B")
+        outs = [
+            memoryview(d.reshape(-1).view(torch_dtype("uint8")).numpy()).cast("B")
+            for d in dests
+            if d.numel()
+        ]
         try:
-            got = self.storage.get_into(self.prefix + c.object, c.offset, out)
+            got = self.storage.get_into(self.prefix + c.object, c.offset, outs)
         except ObjectNotFoundError as e:
             raise IntegrityError(f"{where}: object is missing") from e
-        if got != c.length or crc32c(out) != c.crc32c:
+        crc = 0
+        for o in outs:
+            crc = crc32c(o, crc)
+        if got != c.length or crc != c.crc32c:
             raise IntegrityError(f"{where}: checksum mismatch (stored bytes are corrupt)")
         return True
 
-    def read_chunk(self, name: str, index: tuple[int, ...], box: Box) -> torch.Tensor:
-        """Read, verify and decode one chunk; returns a tensor of ``box.lengths``."""
+    def read_chunk(
+        self, name: str, index: tuple[int, ...], box: Box, scratch: ScratchBuffer | None = None
+    ) -> torch.Tensor:
+        """Read, verify and decode one chunk; returns a tensor of ``box.lengths``.
+
+        With ``scratch``, the stored bytes are read into it (reused memory, no fresh
+        allocation to fault in per chunk) and an uncompressed chunk's tensor is a view of
+        it, valid until ``scratch`` is used again.
+        """
         rec = self.manifest.tensors[name]
         c: ChunkRecord = self._chunks[name][index]
         where = f"tensor {name!r} chunk {list(index)} ({self.prefix}{c.object})"
+        data: bytes | memoryview
         try:
-            if c.packed or c.offset:
+            if scratch is not None:
+                view = scratch.view(c.length)
+                data = view[: self.storage.get_into(self.prefix + c.object, c.offset, view)]
+            elif c.packed or c.offset:
                 data = self.storage.get_range(self.prefix + c.object, c.offset, c.offset + c.length)
             else:
                 data = self.storage.get(self.prefix + c.object)
@@ -133,6 +157,21 @@ class CheckpointReader:
         if tuple(box.lengths) != tuple(rec.chunk_shape):
             full = full[tuple(slice(0, n) for n in box.lengths)]
         return full
+
+
+class ScratchBuffer:
+    """A reusable read buffer that grows to the largest chunk asked of it (one per
+    reading thread: not thread-safe)."""
+
+    def __init__(self) -> None:
+        """An empty buffer; memory is allocated by the first :meth:`view`."""
+        self._buf = bytearray()
+
+    def view(self, nbytes: int) -> memoryview:
+        """A writable view of the first ``nbytes`` (earlier contents are not kept)."""
+        if len(self._buf) < nbytes:
+            self._buf = bytearray(nbytes)
+        return memoryview(self._buf)[:nbytes]
 
 
 def bytes_as_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:

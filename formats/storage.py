@@ -30,7 +30,7 @@ import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +39,7 @@ from ckptd.formats.keys import validate_key, validate_prefix
 from ckptd.formats.posix_io import (
     DIRECT_MIN_BYTES,
     fsync_dir,
+    read_direct,
     syncfs,
     write_buffered,
     write_direct,
@@ -72,14 +73,20 @@ class Storage(ABC):
             raise ValueError(f"invalid byte range [{start}, {end}) for key {key!r}")
         return self._get_range(validate_key(key), start, end)
 
-    def get_into(self, key: str, start: int, out: memoryview) -> int:
-        """Read bytes ``[start, start + len(out))`` of the object into ``out``; return the
-        count read (short at the end of the object). Lets readers fill a destination
-        tensor without an intermediate copy; backends without a zero-copy path copy once.
+    def get_into(self, key: str, start: int, out: memoryview | Sequence[memoryview]) -> int:
+        """Read bytes from ``start`` of the object into ``out`` (one buffer, or several
+        filled one after the other); return the count read (short at the end of the
+        object). Lets readers fill destination tensors without an intermediate copy;
+        backends without a zero-copy path copy once.
         """
-        data = self.get_range(key, start, start + out.nbytes)
-        out[: len(data)] = data
-        return len(data)
+        outs = _byte_views(out)
+        data = memoryview(self.get_range(key, start, start + sum(o.nbytes for o in outs)))
+        done = 0
+        for o in outs:
+            k = min(o.nbytes, data.nbytes - done)
+            o[:k] = data[done : done + k]
+            done += k
+        return done
 
     def batch(self) -> WriteBatch:
         """A batch of writes that become durable together at :meth:`WriteBatch.flush`.
@@ -346,15 +353,22 @@ class LocalStorage(Storage):
             finally:
                 os.close(fd)
 
-    def get_into(self, key: str, start: int, out: memoryview) -> int:
-        """``preadv`` straight into ``out`` (no intermediate bytes object)."""
+    def get_into(self, key: str, start: int, out: memoryview | Sequence[memoryview]) -> int:
+        """``preadv`` straight into ``out`` (no intermediate bytes object); reads of at
+        least ``DIRECT_MIN_BYTES`` bypass the page cache (:func:`read_direct`)."""
         validate_key(key)
+        outs = _byte_views(out)
+        want = sum(o.nbytes for o in outs)
         with self._mapped("get_into", key, missing=True):
+            if want >= DIRECT_MIN_BYTES:
+                got = read_direct(self._path(key), start, outs)
+                if got is not None:
+                    return got
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                done, view = 0, out.cast("B")
-                while done < view.nbytes:
-                    n = os.preadv(fd, [view[done:]], start + done)
+                done = 0
+                while done < want:
+                    n = os.preadv(fd, _views_from(outs, done), start + done)
                     if n == 0:
                         break
                     done += n
@@ -531,3 +545,19 @@ def open_storage(url_or_path: str | os.PathLike[str], **options: Any) -> Storage
 
     return FsspecStorage(url, **options)
 
+
+def _byte_views(out: memoryview | Sequence[memoryview]) -> list[memoryview]:
+    """``out`` as a list of byte-format views (one buffer or several)."""
+    return [o.cast("B") for o in ([out] if isinstance(out, memoryview) else out)]
+
+
+def _views_from(outs: Sequence[memoryview], skip: int) -> list[memoryview]:
+    """The parts of ``outs`` after their first ``skip`` bytes (for resuming a short read)."""
+    rest = []
+    for o in outs:
+        if skip >= o.nbytes:
+            skip -= o.nbytes
+            continue
+        rest.append(o[skip:])
+        skip = 0
+    return rest

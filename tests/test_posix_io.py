@@ -73,3 +73,52 @@ def test_bounce_buffers_are_reused_across_threads_and_calls(tmp_path, monkeypatc
     assert len(posix_io._bounces._free) <= 5
     for i in range(16):
         assert (tmp_path / f"b{i}").read_bytes() == bytes(src)
+
+
+@pytest.mark.parametrize(
+    ("start", "length"),
+    [
+        (0, 1 << 20),  # aligned
+        (4096 * 3, (8 << 20) + 4096),  # spans two bounce-sized requests
+        (123, (2 << 20) + 5),  # unaligned start and end
+        ((21 << 20) - 100, 1 << 20),  # runs past the end of the file: short read
+        ((8 << 20) - 1, (8 << 20) + 2),  # straddles bounce boundaries on both sides
+    ],
+)
+def test_read_direct_matches_the_file(tmp_path, start: int, length: int) -> None:
+    size = 21 << 20
+    data = np.random.default_rng(start).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = str(tmp_path / "obj")
+    with open(path, "wb") as f:
+        f.write(data)
+    out = bytearray(length)
+    got = posix_io.read_direct(path, start, memoryview(out))
+    if got is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    want = data[start : start + length]
+    assert got == len(want)
+    assert bytes(out[:got]) == want
+
+
+def test_local_storage_get_into_reads_direct_and_buffered_alike(tmp_path, monkeypatch) -> None:
+    """Large reads go through O_DIRECT, small ones buffered; a filesystem that refuses
+    O_DIRECT falls back to buffered reads with the same bytes."""
+    from ckptd.formats.storage import LocalStorage
+
+    st = LocalStorage(tmp_path)
+    data = np.random.default_rng(1).integers(0, 256, (3 << 20) + 11, dtype=np.uint8).tobytes()
+    st.put("a/obj", data)
+    calls = []
+    real = posix_io.read_direct
+    monkeypatch.setattr(
+        "ckptd.formats.storage.read_direct",
+        lambda *a: calls.append(a[1]) or real(*a),
+    )
+    big, small = bytearray(2 << 20), bytearray(100)
+    assert st.get_into("a/obj", 5, memoryview(big)) == len(big)
+    assert st.get_into("a/obj", 7, memoryview(small)) == len(small)
+    assert bytes(big) == data[5 : 5 + len(big)] and bytes(small) == data[7:107]
+    assert calls == [5]  # only the large read bypassed the page cache
+    monkeypatch.setattr("ckptd.formats.storage.read_direct", lambda *a: None)
+    big2 = bytearray(2 << 20)
+    assert st.get_into("a/obj", 5, memoryview(big2)) == len(big2) and big2 == big
