@@ -349,7 +349,9 @@ def execute(
         if source.fingerprint() != plan.source_fingerprint:
             raise PlanError(f"source {plan.source_path!r} changed since it was planned; plan again")
         by_target = {m.target: m for m in plan.moves}
-        state = source.source_state() if plan.target_format == "universal" else SourceState()
+        # universal stores trainer state; megatron writes its optimizer groups/LR schedule
+        carries = plan.target_format in ("universal", "megatron")
+        state = source.source_state() if carries else SourceState()
         bar = _progress_bar(plan.total_bytes, options.progress)
         resumed: list[str] = []
 

@@ -358,3 +358,119 @@ def megatron_llama_forward(ranks: Mapping[tuple[int, int], Mapping[str, torch.Te
     x = _rms(x, r[(0, last)]["decoder.final_layernorm.weight"])
     logits = torch.cat([x @ r[(t, last)]["output_layer.weight"].T for t in range(tp)], -1)
     return logits[:, :vocab]
+
+
+# ------------------------------------- tiny Mixtral (top-k mixture of experts) forward
+
+
+def mixtral_forward(w: Mapping[str, torch.Tensor], ids: torch.Tensor, heads: int,
+                    kv_heads: int, top_k: int) -> torch.Tensor:
+    """Logits [T, vocab] of a Mixtral model given in Hugging Face names (float64).
+
+    Attention as in :func:`llama_forward`; each MLP is a sparse MoE block the way
+    ``transformers``' MixtralSparseMoeBlock computes it: softmax over the router logits,
+    the ``top_k`` largest kept and renormalised, each token's output the weighted sum of
+    its experts' SwiGLU (``w2(silu(w1 x) * w3 x)``)."""
+    w = {k: v.double() for k, v in w.items()}
+    x = w["model.embed_tokens.weight"][ids]
+    t = len(ids)
+    layers = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers."))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        h = _rms(x, w[p + "input_layernorm.weight"])
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(t, heads, -1)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(t, kv_heads, -1)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(t, kv_heads, -1)
+        rep = heads // kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        x = x + _attend(_rope(q), _rope(k), v) @ w[p + "self_attn.o_proj.weight"].T
+        h = _rms(x, w[p + "post_attention_layernorm.weight"])
+        probs = (h @ w[p + "block_sparse_moe.gate.weight"].T).softmax(-1)
+        top, idx = probs.topk(top_k, -1)
+        top = top / top.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for j in range(probs.shape[-1]):
+            e = f"{p}block_sparse_moe.experts.{j}."
+            y = torch.nn.functional.silu(h @ w[e + "w1.weight"].T) * (h @ w[e + "w3.weight"].T)
+            y = y @ w[e + "w2.weight"].T
+            weight = (top * (idx == j)).sum(-1, keepdim=True)  # 0 where j is not chosen
+            out = out + weight * y
+        x = x + out
+    return _rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def megatron_moe_forward(ranks: Mapping[tuple[int, int, int], Mapping[str, torch.Tensor]],
+                         ids: torch.Tensor, heads: int, kv_heads: int, vocab: int,
+                         top_k: int) -> torch.Tensor:
+    """Logits [T, vocab] of a Megatron-Core LLaMA with MoE layers, run from TP x PP x EP
+    rank files ``ranks[(tp_rank, pp_stage, ep_rank)]`` (local names, local shards).
+
+    Attention as in :func:`megatron_llama_forward`. An MoE layer (``mlp.router`` present)
+    follows Megatron-Core's TopKRouter (``top_k`` largest logits, softmax over them) and
+    token dispatch: EP rank ``r`` numbers its experts from 0, its local expert ``j`` is
+    global expert ``r * experts_per_rank + j``; each expert's ``linear_fc1`` holds
+    ``[gate_t; up_t]`` on TP rank ``t`` and its ``linear_fc2`` is row-parallel (summed
+    over TP). Dense layers run as in :func:`megatron_llama_forward`. Every EP rank holds
+    the dense tensors; EP rank 0's are used. Written from Megatron's conventions,
+    independently of ckptd's placements.
+    """
+    tp = 1 + max(k[0] for k in ranks)
+    pp = 1 + max(k[1] for k in ranks)
+    ep = 1 + max(k[2] for k in ranks)
+    r = {k: {n: v.double() for n, v in m.items()} for k, m in ranks.items()}
+    t_ = len(ids)
+    x = torch.cat([r[(t, 0, 0)]["embedding.word_embeddings.weight"] for t in range(tp)])[ids]
+    per_group = heads // kv_heads
+    for s in range(pp):
+        local = sorted({int(n.split(".")[2]) for n in r[(0, s, 0)]
+                        if n.startswith("decoder.layers.")})  # fmt: skip
+        for i in local:
+            p = f"decoder.layers.{i}."
+            attn = torch.zeros_like(x)
+            for t in range(tp):
+                m = r[(t, s, 0)]
+                h = _rms(x, m[p + "self_attention.linear_qkv.layer_norm_weight"])
+                mixed = h @ m[p + "self_attention.linear_qkv.weight"].T
+                groups = mixed.shape[-1] // ((per_group + 2) * (x.shape[-1] // heads))
+                mixed = mixed.view(t_, groups, per_group + 2, -1)
+                q = mixed[:, :, :per_group].reshape(t_, groups * per_group, -1)
+                k = mixed[:, :, per_group].repeat_interleave(per_group, 1)
+                v = mixed[:, :, per_group + 1].repeat_interleave(per_group, 1)
+                attn = attn + _attend(_rope(q), _rope(k), v) @ m[
+                    p + "self_attention.linear_proj.weight"].T  # fmt: skip
+            x = x + attn
+            if p + "mlp.router.weight" not in r[(0, s, 0)]:
+                mlp = torch.zeros_like(x)
+                for t in range(tp):
+                    m = r[(t, s, 0)]
+                    h = _rms(x, m[p + "mlp.linear_fc1.layer_norm_weight"])
+                    g, u = (h @ m[p + "mlp.linear_fc1.weight"].T).chunk(2, -1)
+                    mlp = mlp + (torch.nn.functional.silu(g) * u) @ m[p + "mlp.linear_fc2.weight"].T
+                x = x + mlp
+                continue
+            h = _rms(x, r[(0, s, 0)][p + "pre_mlp_layernorm.weight"])
+            logits = h @ r[(0, s, 0)][p + "mlp.router.weight"].T
+            scores, chosen = logits.topk(top_k, -1)
+            probs = scores.softmax(-1)
+            out = torch.zeros_like(x)
+            for e in range(ep):
+                pre = p + "mlp.experts.local_experts."
+                local_experts = sorted({int(n.split(".")[6]) for n in r[(0, s, e)]
+                                        if n.startswith(pre)})  # fmt: skip
+                for j in local_experts:
+                    g_id = e * len(local_experts) + j
+                    sel = (chosen == g_id).any(-1)  # the tokens dispatched to this expert
+                    if not sel.any():
+                        continue
+                    y = torch.zeros_like(x[sel])
+                    for t in range(tp):
+                        m = r[(t, s, e)]
+                        b = f"{p}mlp.experts.local_experts.{j}."
+                        g, u = (h[sel] @ m[b + "linear_fc1.weight"].T).chunk(2, -1)
+                        y = y + (torch.nn.functional.silu(g) * u) @ m[b + "linear_fc2.weight"].T
+                    out[sel] += (probs * (chosen == g_id))[sel].sum(-1, keepdim=True) * y
+            x = x + out
+    last = pp - 1
+    x = _rms(x, r[(0, last, 0)]["decoder.final_layernorm.weight"])
+    logits = torch.cat([x @ r[(t, last, 0)]["output_layer.weight"].T for t in range(tp)], -1)
+    return logits[:, :vocab]

@@ -5,7 +5,10 @@ A tiny LLaMA with real HF names (GQA 4 heads / 2 kv heads, SwiGLU, vocab 100 pad
 merged into linear_qkv and linear_fc1) -> universal -> Megatron TP1xPP4 -> HF
 safetensors (split again), bit-exactly; a pure-torch forward from the HF weights and a
 Megatron-style TP forward from the TP2xPP2 rank files give the same logits. GPT-2 names
-(Conv1D weights transposed) go the same way.
+(Conv1D weights transposed) go the same way. A tiny Mixtral (the same attention, every
+MLP a top-k mixture of 2 experts) goes HF -> Megatron TP2xPP2xEP2 -> universal ->
+Megatron TP1xPP4 -> HF bit-exactly, with equal logits from HF and from both sets of
+rank files.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_tiny import llama_forward, megatron_llama_forward
+from models_tiny import (
+    llama_forward,
+    megatron_llama_forward,
+    megatron_moe_forward,
+    mixtral_forward,
+)
 from safetensors.torch import load_file, save_file
 
 from ckptd.converters.convert import ConvertOptions, build_plan, convert
@@ -297,3 +305,132 @@ def test_cli_rename_map_spec(tmp_path: Path) -> None:
     res = run(main, [str(tmp_path / "hf"), str(tmp_path / "u"), "--rename-map",
                      "no_such_spec"])  # fmt: skip
     assert res.exit_code == 1 and "no shipped spec" in res.output
+
+
+# ----------------------------------------------------------------- Mixtral (2 experts)
+
+EXPERTS, MOE_FFN = 2, 32
+
+
+def hf_mixtral() -> dict[str, torch.Tensor]:
+    """A tiny MixtralForCausalLM state dict: GQA, padded vocab, 2 SwiGLU experts."""
+    g = torch.Generator().manual_seed(11)
+
+    def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    w = {"model.embed_tokens.weight": r(VOCAB, HIDDEN),
+         "model.norm.weight": 1 + r(HIDDEN, scale=0.1),
+         "lm_head.weight": r(VOCAB, HIDDEN, scale=1 / 8)}  # fmt: skip
+    s = 1 / math.sqrt(HIDDEN)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = r(HEADS * HD, HIDDEN, scale=s)
+        w[p + "self_attn.k_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
+        w[p + "self_attn.v_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
+        w[p + "self_attn.o_proj.weight"] = r(HIDDEN, HEADS * HD, scale=s)
+        w[p + "input_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
+        w[p + "post_attention_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
+        w[p + "block_sparse_moe.gate.weight"] = r(EXPERTS, HIDDEN)
+        for e in range(EXPERTS):
+            b = f"{p}block_sparse_moe.experts.{e}."
+            w[b + "w1.weight"] = r(MOE_FFN, HIDDEN, scale=s)
+            w[b + "w3.weight"] = r(MOE_FFN, HIDDEN, scale=s)
+            w[b + "w2.weight"] = r(HIDDEN, MOE_FFN, scale=1 / math.sqrt(MOE_FFN))
+    return w
+
+
+def rank_models_ep(root: Path, it: int = 0) -> dict[tuple[int, int, int], dict[str, torch.Tensor]]:
+    """Rank files keyed (tp, pp, ep), the directory names read as Megatron writes them:
+    ``mp_rank_TT_PPP_EEE`` here (pp and ep > 1) or ``mp_rank_TT_PPP`` (ep == 1)."""
+    out = {}
+    for d in sorted(os.listdir(root / f"iter_{it:07d}")):
+        t, *rest = (int(x) for x in d.removeprefix("mp_rank_").split("_"))
+        p, e = [*rest, 0, 0][:2]
+        obj = torch.load(root / f"iter_{it:07d}" / d / "model_optim_rng.pt", weights_only=True)
+        out[(t, p, e)] = obj["model"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixtral_chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("mixtral")
+    (tmp / "hf").mkdir()
+    save_file(hf_mixtral(), str(tmp / "hf" / "model.safetensors"))
+    convert(str(tmp / "hf"), str(tmp / "meg222"), ConvertOptions(
+        target_format="megatron", target_layout=(("tp", 2), ("pp", 2), ("ep", 2)),
+        variables=(("heads", HEADS),),
+        name_map=load_name_map("hf_mixtral_to_megatron")))  # fmt: skip
+    convert(str(tmp / "meg222"), str(tmp / "uni"))
+    convert(str(tmp / "uni"), str(tmp / "meg14"), ConvertOptions(
+        target_format="megatron", target_layout=(("tp", 1), ("pp", 4)),
+        variables=(("heads", HEADS),)))  # fmt: skip
+    convert(str(tmp / "meg14"), str(tmp / "hf2"), ConvertOptions(
+        target_format="hf", name_map=load_name_map("reverse:hf_mixtral_to_megatron")))  # fmt: skip
+    return tmp
+
+
+def test_mixtral_round_trip_through_expert_parallel_ranks_is_bit_exact(
+    mixtral_chain: Path,
+) -> None:
+    ref = hf_mixtral()
+    got = load_file(str(mixtral_chain / "hf2" / "model.safetensors"))
+    assert got.keys() == ref.keys()
+    for n, t in ref.items():
+        assert got[n].dtype == t.dtype and torch.equal(got[n], t), n
+
+
+def test_mixtral_megatron_files_place_experts_by_ep_rank(mixtral_chain: Path) -> None:
+    dirs = sorted(os.listdir(mixtral_chain / "meg222" / "iter_0000000"))
+    assert dirs == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2)
+                    for e in range(2)]  # fmt: skip
+    ranks = rank_models_ep(mixtral_chain / "meg222")
+    ref = hf_mixtral()
+    # global layer 3 is local layer 1 of stage 1; global expert 1 is local expert 0 of EP
+    # rank 1; tp rank 1 holds the second half of its gate and up rows
+    m = ranks[(1, 1, 1)]
+    assert {k.split(".")[6] for k in m if ".local_experts." in k} == {"0"}
+    b = "model.layers.3.block_sparse_moe.experts.1."
+    half = MOE_FFN // 2
+    want = torch.cat([ref[b + "w1.weight"][half:], ref[b + "w3.weight"][half:]])
+    assert torch.equal(m["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"], want)
+    assert torch.equal(m["decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.weight"],
+                       ref[b + "w2.weight"][:, half:])  # fmt: skip
+    assert torch.equal(m["decoder.layers.1.mlp.router.weight"],
+                       ref["model.layers.3.block_sparse_moe.gate.weight"])  # fmt: skip
+    assert torch.equal(m["decoder.layers.1.pre_mlp_layernorm.weight"],
+                       ref["model.layers.3.post_attention_layernorm.weight"])  # fmt: skip
+    # dense tensors are on both EP ranks, identical
+    for k, v in ranks[(0, 0, 0)].items():
+        if ".local_experts." not in k:
+            assert torch.equal(ranks[(0, 0, 1)][k], v), k
+    assert sorted(os.listdir(mixtral_chain / "meg14" / "iter_0000000")) == [
+        f"mp_rank_00_{p:03d}" for p in range(4)]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_mixtral_forward_equal_from_hf_and_megatron_ranks(mixtral_chain: Path,
+                                                          top_k: int) -> None:
+    ids = torch.tensor([3, 17, 99, 0, 42, 42, 7, 64, 5, 88, 23, 51])
+    ref = hf_mixtral()
+    want = mixtral_forward(ref, ids, HEADS, KV, top_k)
+    for d in ("meg222", "meg14"):
+        got = megatron_moe_forward(rank_models_ep(mixtral_chain / d), ids, HEADS, KV, VOCAB,
+                                   top_k)  # fmt: skip
+        assert got.shape == (len(ids), VOCAB)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=d)
+    back = load_file(str(mixtral_chain / "hf2" / "model.safetensors"))
+    assert torch.equal(mixtral_forward(back, ids, HEADS, KV, top_k), want)
+    # the routing is live: every expert gets tokens (silencing one changes the logits),
+    # and swapping two experts' weights (not the router) changes the logits
+    for e in range(EXPERTS):
+        silenced = dict(ref)
+        for i in range(LAYERS):
+            w2 = f"model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"
+            silenced[w2] = torch.zeros_like(ref[w2])
+        assert not torch.allclose(mixtral_forward(silenced, ids, HEADS, KV, top_k), want)
+    swapped = dict(ref)
+    for n in ("w1", "w2", "w3"):
+        a, b = (f"model.layers.1.block_sparse_moe.experts.{e}.{n}.weight" for e in (0, 1))
+        swapped[a], swapped[b] = ref[b], ref[a]
+    assert not torch.allclose(mixtral_forward(swapped, ids, HEADS, KV, top_k), want)

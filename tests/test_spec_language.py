@@ -642,6 +642,18 @@ def _hf_gpt2_names(layers: int) -> list[str]:
     return out
 
 
+def _hf_mixtral_names(layers: int) -> list[str]:
+    out = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    for i in range(layers):
+        m = f"model.layers.{i}."
+        out += [m + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        out += [m + "input_layernorm.weight", m + "post_attention_layernorm.weight",
+                m + "block_sparse_moe.gate.weight", m + "self_attn.rotary_emb.inv_freq"]
+        out += [f"{m}block_sparse_moe.experts.{e}.{w}.weight" for e in range(2)
+                for w in ("w1", "w2", "w3")]  # fmt: skip
+    return out
+
+
 SHIPPED_NAMES = {
     "megatron_gpt": _megatron_gpt_names,
     "megatron_llama": _megatron_llama_names,
@@ -649,6 +661,7 @@ SHIPPED_NAMES = {
     "torchtitan_llama": _torchtitan_names,
     "hf_llama_to_megatron": lambda n: list(_hf_names(n)),
     "hf_gpt2_to_megatron": _hf_gpt2_names,
+    "hf_mixtral_to_megatron": _hf_mixtral_names,
 }
 
 
@@ -664,7 +677,7 @@ def test_shipped_spec_covers_its_framework(name: str) -> None:
     keys = ["model." + n for n in SHIPPED_NAMES[name](4)]
     spec.check_coverage(keys)
     spec.check_coverage(["optim.state.not.a.model.key"])  # outside the prefix: skipped
-    if name == "hf_llama_to_megatron":
+    if name in ("hf_llama_to_megatron", "hf_mixtral_to_megatron"):
         return  # needs shapes (fused parts); exercised end to end above
     if name == "hf_gpt2_to_megatron":  # a name map only: its transposes are no layout
         with pytest.raises(SpecError, match="transpose"):

@@ -19,9 +19,10 @@ from ckptd.formats import commit as commit_mod
 # DeepSpeed: DIR/latest names the tag; DIR/<tag>/*_model_states.pt
 DS_LATEST = "latest"
 DS_MODEL_GLOB = "*_model_states.pt"
-# Megatron legacy: ROOT/latest_checkpointed_iteration.txt, iter_NNNNNNN/mp_rank_TT[_PPP]/
+# Megatron legacy: ROOT/latest_checkpointed_iteration.txt, iter_NNNNNNN/mp_rank_TT[_PPP][_EEE]/
+# (Megatron-LM's get_checkpoint_name: _PPP with pipeline parallelism, _EEE with experts)
 MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
-MEGATRON_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+MEGATRON_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 MEGATRON_ITER_DIR = re.compile(r"^iter_(\d{7})$")
 # Megatron-core torch_dist: metadata.json with the sharded backend, next to DCP files
 MCORE_METADATA = "metadata.json"

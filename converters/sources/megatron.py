@@ -5,16 +5,36 @@ Layout on disk (Megatron-LM ``--ckpt-format torch``)::
     ROOT/latest_checkpointed_iteration.txt          # "1000" (or "release")
     ROOT/iter_0001000/mp_rank_00/model_optim_rng.pt          # pp == 1
     ROOT/iter_0001000/mp_rank_01_003/model_optim_rng.pt      # tp rank 1, pp stage 3
+    ROOT/iter_0001000/mp_rank_01_003_001/model_optim_rng.pt  # ... expert-parallel rank 1
 
-Each file holds ``{"model": {local key: local tensor}, "iteration": N, ...}``. Files are
-read only with ``torch.load(weights_only=True, mmap=True)``; a file that does not load
-that way is a :class:`SourceFormatError` naming it (no fallback, nothing unpickled).
+Each file holds ``{"model": {local key: local tensor}, "optimizer": ..., "iteration": N,
+...}``. Files are read only with ``torch.load(weights_only=True, mmap=True)`` (with
+``argparse.Namespace``, Megatron's ``args``, and numpy arrays, its RNG state, allowed:
+inert data holders); a file that does not load that way is a :class:`SourceFormatError`
+naming it (no fallback).
 
-TP/PP come from the directory names. The model variables (``heads``, ``kv_heads``,
+TP/PP/EP come from the directory names (Megatron-LM's ``get_checkpoint_name``:
+``mp_rank_TT``, then ``_PPP`` with pipeline parallelism, then ``_EEE`` with expert
+parallelism). ``mp_rank_TT_XXX`` is a pipeline stage unless the sidecar, ``--var
+ep=N`` or the files' ``args`` say the run was expert-parallel only.
+Every EP rank holds the dense parameters too: those copies are checked equal.
+
+Optimizer state (the non-distributed optimizer's, see :mod:`.megatron_optim`) is given
+as ``optim.state.<canonical param>.{fp32,exp_avg,exp_avg_sq,step}``, laid out like its
+parameter; its param groups' hyperparameters and ``opt_param_scheduler`` are carried
+as trainer state (``source_state``) so that a Megatron target can write them back.
+
+Replicas of a ``replicate`` rule follow its policy: ``check_equal`` (default) fails on
+a difference, ``take_first`` keeps the first rank's (lowest pp, ep, tp), ``average``
+gives their mean, computed per region read (float64 sum, one rounding), so ranged reads
+stay bounded. Other copies (dense tensors on every EP rank) are always compared.
+
+The model variables (``heads``, ``kv_heads``,
 ``head_dim``, ``hidden``, ``ffn``, ``vocab``, ``layers``) that the reshard spec needs come,
 first found wins, from the ``variables`` argument (``--var heads=8 --var kv_heads=2``)
 and the sidecar
-``ckptd_megatron.json`` (``{"variables": {...}}``, written by the Megatron target).
+``ckptd_megatron.json`` (``{"variables": {...}}``, written by the Megatron target);
+``experts`` and ``moe_ffn`` are derived from the expert tensors when not given.
 Each rank's local keys are laid out with the shipped spec (``megatron_llama`` unless
 ``spec`` says otherwise) compiled for the rank's coordinates; a canonical tensor is
 assembled from the pieces of only the ranks that hold it, one tensor at a time, with at
@@ -23,9 +43,11 @@ most a few rank files mapped.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,9 +60,11 @@ from ckptd.converters.sources.base import (
     InventorySource,
     SourceFormatError,
     SourceNotFoundError,
+    SourceState,
     TensorInfo,
     read_range_by_boxes,
 )
+from ckptd.converters.sources.megatron_optim import parse_optimizer
 from ckptd.converters.spec.errors import SpecError
 from ckptd.dtypes import dtype_name, torch_dtype
 from ckptd.errors import LayoutError
@@ -51,40 +75,81 @@ from ckptd.statedict import FlatState
 
 LATEST = markers.MEGATRON_LATEST
 RANK_FILE = "model_optim_rng.pt"
+DIST_OPTIM_FILE = "distrib_optim.pt"
 SIDECAR = "ckptd_megatron.json"
 DEFAULT_SPEC = "megatron_llama"
 _RANK_DIR = markers.MEGATRON_RANK_DIR
 _ITER_DIR = markers.MEGATRON_ITER_DIR
+_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.linear_fc1\.weight$")
 MAX_OPEN = 8  # rank files kept mapped at once (one TP group of a stage, up to this)
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    """``mp_rank_TT`` (pp == 1) or ``mp_rank_TT_PPP``."""
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """``mp_rank_TT``, then ``_PPP`` if ``pp > 1``, then ``_EEE`` if ``ep > 1``."""
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp > 1:
+        name += f"_{pp_rank:03d}"
+    if ep > 1:
+        name += f"_{ep_rank:03d}"
+    return name
 
 
 def iter_dir_name(iteration: int | str) -> str:
+    """``iter_0001000`` (or ``release``)."""
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def read_sidecar(root: str | None) -> dict[str, Any]:
+    """The sidecar the Megatron target wrote (``{}`` if none)."""
+    side = os.path.join(root, SIDECAR) if root is not None else ""
+    if not side or not os.path.isfile(side):
+        return {}
+    try:
+        with open(side) as f:
+            obj = json.load(f)
+        if not isinstance(obj, dict):
+            raise TypeError("not a JSON object")
+        obj["variables"] = {str(k): int(v) for k, v in obj.get("variables", {}).items()}
+        return obj
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise SourceFormatError(f"{side}: malformed sidecar: {e}") from None
 
 
 def resolve_variables(explicit: Mapping[str, int] | None, root: str | None) -> dict[str, int]:
     """Model variables: the sidecar the target wrote, overridden by ``explicit`` (``--var``)."""
-    found: dict[str, int] = {}
-    side = os.path.join(root, SIDECAR) if root is not None else ""
-    if side and os.path.isfile(side):
-        try:
-            with open(side) as f:
-                obj = json.load(f)
-            found = {str(k): int(v) for k, v in obj.get("variables", {}).items()}
-        except (OSError, ValueError, AttributeError, TypeError) as e:
-            raise SourceFormatError(f"{side}: malformed sidecar: {e}") from None
+    found = {str(k): int(v) for k, v in read_sidecar(root).get("variables", {}).items()}
     return {**found, **dict(explicit or {})}
+
+
+def _safe_globals() -> list[Any]:
+    """What Megatron pickles besides tensors and builtins, all inert data holders: its
+    ``args`` (``argparse.Namespace``, an attribute bag) and the numpy RNG state in
+    ``rng_state`` (an ``ndarray`` rebuilt from its dtype and bytes; the allowlist torch
+    documents for numpy). Anything else (``__reduce__`` payloads) is still refused."""
+    import numpy as np
+
+    arr = np.zeros(1, dtype=np.uint32)
+    reconstruct = arr.__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
+    return [argparse.Namespace, np.ndarray, np.dtype, reconstruct, type(arr.dtype)]
+
+
+_SAFE_GLOBALS = _safe_globals()
+
+
+def spec_source(name: str) -> Any:
+    """A shipped spec by name, or a ``.ckspec`` file (a path, or a name with a ``/``)."""
+    from ckptd.converters.spec import load_shipped
+
+    if name.endswith(".ckspec") and (os.sep in name or os.path.isfile(name)):
+        return name
+    return load_shipped(name)
 
 
 def load_rank_file(path: str) -> dict[str, Any]:
     """``torch.load(weights_only=True, mmap=True)``; any failure names the file."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # every failure becomes one typed error
         raise SourceFormatError(
             f"{path}: cannot be read as a weights-only torch checkpoint "
@@ -111,7 +176,12 @@ def flatten_model(model: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class _Rank:
     tp: int
     pp: int
+    ep: int
     path: str
+
+    @property
+    def has_dist_optim(self) -> bool:
+        return os.path.isfile(os.path.join(os.path.dirname(self.path), DIST_OPTIM_FILE))
 
 
 class MegatronSource(InventorySource):
@@ -134,19 +204,30 @@ class MegatronSource(InventorySource):
         self.root, self.iter_dir, self._iteration = _locate(path.removeprefix("file://"), step)
         self.variables = resolve_variables(variables, self.root)
         self.spec_name = spec or DEFAULT_SPEC
-        self.ranks = _scan_ranks(self.iter_dir)
+        side = read_sidecar(self.root)
+        hint = {k: int(v) for k, v in side.items() if k in ("pp", "ep") and isinstance(v, int)}
+        hint.update({k: int(v) for k, v in (variables or {}).items() if k in ("pp", "ep")})
+        self.ranks = _scan_ranks(self.iter_dir, hint)
         self.tp = max(r.tp for r in self.ranks) + 1
         self.pp = max(r.pp for r in self.ranks) + 1
-        if len(self.ranks) != self.tp * self.pp:
+        self.ep = max(r.ep for r in self.ranks) + 1
+        have = {(r.tp, r.pp, r.ep) for r in self.ranks}
+        missing = [
+            rank_dir_name(t, p, self.pp, e, self.ep)
+            for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)
+            if (t, p, e) not in have
+        ]  # fmt: skip
+        if missing or len(self.ranks) != len(have):
             raise SourceFormatError(
-                f"{self.iter_dir}: {len(self.ranks)} rank directories, expected "
-                f"tp={self.tp} x pp={self.pp}"
+                f"{self.iter_dir}: {len(self.ranks)} rank directories for tp={self.tp} x "
+                f"pp={self.pp} x ep={self.ep}; missing {missing[:4]}"
             )
         self._open: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self._max_open = max(1, min(self.tp, MAX_OPEN))
+        self._max_open = max(1, min(self.tp * self.ep, MAX_OPEN))
         self._layouts: list[RankLayout] = []
         self._policies: list[Mapping[str, str]] = []
         self._holders: dict[str, list[tuple[int, str, tuple[Piece, ...]]]] = {}
+        self._state: dict[str, Any] = {}
         self._inventory()
 
     # ------------------------------------------------------------------ metadata
@@ -158,13 +239,15 @@ class MegatronSource(InventorySource):
     def step(self) -> int | None:
         return self._iteration
 
-    def _spec_for(self, tp_rank: int, pp_rank: int) -> Any:
-        from ckptd.converters.spec import compile_spec, load_shipped  # see spec/__init__
+    def _spec_for(self, rank: _Rank) -> Any:
+        from ckptd.converters.spec import compile_spec  # see spec/__init__
 
-        variables = {**self.variables, "tp": self.tp, "pp": self.pp}
+        variables = {**self.variables, "tp": self.tp, "pp": self.pp, "ep": self.ep}
         try:
             return compile_spec(
-                load_shipped(self.spec_name), variables, coords={"tp": tp_rank, "pp": pp_rank}
+                spec_source(self.spec_name),
+                variables,
+                coords={"tp": rank.tp, "pp": rank.pp, "ep": rank.ep},
             )
         except SpecError as e:
             raise SourceFormatError(
@@ -172,28 +255,64 @@ class MegatronSource(InventorySource):
                 f"(pass the model variables: --var heads=.. --var kv_heads=.. ...)"
             ) from None
 
+    def _derive(self, flat: Mapping[str, Any]) -> None:
+        """``experts`` and ``moe_ffn`` from the first rank's expert tensors, if not given."""
+        local = [(int(m.group(1)), v) for k, v in flat.items() if (m := _EXPERT.search(k))]
+        if not local or not all(isinstance(v, torch.Tensor) for _, v in local):
+            return
+        self.variables.setdefault("experts", (max(e for e, _ in local) + 1) * self.ep)
+        self.variables.setdefault("moe_ffn", local[0][1].shape[0] * self.tp // 2)
+
+    def _local_tensors(self, idx: int, obj: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The rank's model entries plus its optimizer tensors (``optim.state.<key>.<kind>``,
+        local keys), and the parsed optimizer (None without one)."""
+        rank = self.ranks[idx]
+        flat = flatten_model(obj["model"])
+        opt = obj.get("optimizer")
+        if opt is None or rank.has_dist_optim:
+            return flat, None
+        parsed = parse_optimizer(opt, flat, rank.path)
+        return {**flat, **parsed.tensors}, parsed
+
     def _inventory(self) -> None:
         metas: dict[str, Any] = {}
         for idx, rank in enumerate(self.ranks):
             obj = load_rank_file(rank.path)
-            flat = flatten_model(obj["model"])
+            if idx == 0:
+                self._derive(flatten_model(obj["model"]))
+                self._first_state(obj)
+            if rank.has_dist_optim and idx == 0:
+                self._skipped.append(
+                    f"{DIST_OPTIM_FILE} (distributed optimizer state is not read; convert "
+                    "weights only, or save with the non-distributed optimizer)"
+                )
+            flat, parsed = self._local_tensors(idx, obj)
             del obj
-            tensors = {}
+            if parsed is not None and idx == 0:
+                self._skipped += parsed.skipped
+                self._state["optimizer"] = {"param_groups": parsed.groups,
+                                            "grad_scaler": parsed.grad_scaler}  # fmt: skip
+            param_of = dict(parsed.param_of) if parsed is not None else {}
+            tensors: dict[str, torch.Tensor] = {}
             for k, v in flat.items():
                 if isinstance(v, torch.Tensor):
                     tensors[k] = torch.empty(v.shape, dtype=v.dtype, device="meta")
-                elif rank.tp == 0:
+                elif idx == 0:
                     self._skipped.append(f"{os.path.relpath(rank.path, self.root)}:{k}")
             del flat
-            shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-            spec = self._spec_for(rank.tp, rank.pp)
+            model_keys = [k for k in tensors if k not in param_of]
+            shapes = {k: tuple(tensors[k].shape) for k in model_keys}
+            spec = self._spec_for(rank)
             try:
-                layout = spec.layout_for(list(tensors), shapes)
-                rl = build_rank_layout(FlatState(tensors=tensors), layout, idx)
+                layout = spec.layout_for(model_keys, shapes)
+                rl = build_rank_layout(FlatState(tensors=tensors, param_of=param_of), layout, idx)
             except (SpecError, LayoutError) as e:
                 raise SourceFormatError(f"{rank.path}: {e}") from None
             self._layouts.append(rl)
-            self._policies.append(dict(layout.policies))
+            policies = dict(layout.policies)
+            # optimizer state of a replicated parameter follows the parameter's policy
+            policies.update({o: policies[p] for o, p in param_of.items() if p in policies})
+            self._policies.append(policies)
             for m in rl.tensors:
                 prev = metas.setdefault(m.name, m)
                 if prev != m:
@@ -204,8 +323,35 @@ class MegatronSource(InventorySource):
             for entry in rl.entries:
                 for pc in entry.pieces:
                     self._holders.setdefault(pc.name, []).append((idx, entry.key, (pc,)))
+                    self._check_one_stage(pc.name, idx)
         for name, m in metas.items():
             self._infos[name] = TensorInfo(name, m.dtype, tuple(m.shape))
+
+    def _check_one_stage(self, name: str, idx: int) -> None:
+        """A layer lives on one pipeline stage; two stages holding it means the rank
+        directories were misread (``mp_rank_TT_XXX`` taken as stages)."""
+        if ".layers." not in name:
+            return  # tied embeddings sit on the first and the last stage
+        other = next((self.ranks[i] for i, _, _ in self._holders[name]
+                      if self.ranks[i].pp != self.ranks[idx].pp), None)  # fmt: skip
+        if other is not None:
+            raise SourceFormatError(
+                f"{self.ranks[idx].path}: tensor {name!r} is also on pipeline stage "
+                f"{other.pp} ({other.path}); if the run was expert-parallel without "
+                "pipeline stages (mp_rank_TT_EEE), pass --var ep=N --var pp=1"
+            )
+
+    def _first_state(self, obj: Mapping[str, Any]) -> None:
+        """Trainer state a Megatron target writes back: iteration, LR schedule."""
+        from ckptd.converters.sources.megatron_optim import _jsonable
+
+        for key in ("iteration", "opt_param_scheduler", "checkpoint_version"):
+            if key in obj and not isinstance(obj[key], torch.Tensor):
+                self._state[key] = _jsonable(obj[key])
+
+    def source_state(self) -> SourceState:
+        """``{"megatron": {iteration, opt_param_scheduler, optimizer: {param_groups}}}``."""
+        return SourceState(state={"megatron": dict(self._state)}) if self._state else SourceState()
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -222,7 +368,7 @@ class MegatronSource(InventorySource):
             return self._open[idx]
         while len(self._open) >= self._max_open:
             self._open.popitem(last=False)
-        model = flatten_model(load_rank_file(self.ranks[idx].path)["model"])
+        model, _ = self._local_tensors(idx, load_rank_file(self.ranks[idx].path))
         self._open[idx] = model
         return model
 
@@ -238,10 +384,15 @@ class MegatronSource(InventorySource):
         read_range_by_boxes(info, lambda box: self._read_box(info, box), start, out)
 
     def _read_box(self, info: TensorInfo, box: Box) -> torch.Tensor:
-        """Region ``box`` of the canonical tensor, assembled from the rank pieces over it."""
+        """Region ``box`` of the canonical tensor, assembled from the rank pieces over it.
+
+        A region held by several ranks (replicas) follows the replicate policy:
+        ``check_equal`` compares, ``take_first`` keeps the first, ``average`` sums the
+        copies in float64 and rounds the mean once (memory: the region, never more)."""
         name = info.name
         out = torch.empty(box.lengths, dtype=torch_dtype(info.dtype))
         seen: dict[tuple[Any, ...], str] = {}
+        sums: dict[tuple[Any, ...], tuple[torch.Tensor, int, str]] = {}
         covered = 0
         for idx, key, pieces in self._holders[name]:
             path = self.ranks[idx].path
@@ -262,16 +413,29 @@ class MegatronSource(InventorySource):
                 region = (inter.offsets, inter.lengths)
                 src = piece_view(local, p)[inter.shift(p.global_box.offsets, -1).slices()]
                 dst = out[inter.shift(box.offsets, -1).slices()]
-                if region in seen:
-                    if policy == "check_equal" and not torch.equal(dst, src):
+                if region not in seen:
+                    seen[region] = path
+                    dst.copy_(src)
+                    covered += inter.numel
+                elif policy == "check_equal":
+                    if not torch.equal(dst, src):
                         raise SourceFormatError(
                             f"{path}: replica {key!r} of tensor {name!r} differs from the "
                             f"one in {seen[region]} (replicate policy check_equal)"
                         )
-                    continue  # take_first (average is not supported: first replica kept)
-                seen[region] = path
-                dst.copy_(src)
-                covered += inter.numel
+                elif policy == "average":
+                    if not (local.is_floating_point() or local.is_complex()):
+                        raise SourceFormatError(
+                            f"{path}: tensor {name!r} ({info.dtype}) cannot be averaged "
+                            "(replicate policy average needs a floating-point dtype)"
+                        )
+                    acc, n, _ = sums.get(region) or (dst.to(torch.float64), 1, path)
+                    sums[region] = (acc.add_(src.to(torch.float64)), n + 1, path)
+                # take_first: the first replica stays
+        for region, (acc, n, _) in sums.items():
+            offsets, lengths = region
+            dst = out[Box(offsets, lengths).shift(box.offsets, -1).slices()]
+            dst.copy_(acc.div_(n))  # one rounding to the tensor's dtype
         if covered != box.numel:
             raise SourceFormatError(
                 f"{self.iter_dir}: tensor {name!r}: rank files cover {covered} of "
@@ -314,22 +478,44 @@ def _locate(path: str, step: int | None) -> tuple[str, str, int | None]:
     return path, os.path.join(path, iters[-1]), int(iters[-1][5:])
 
 
-def _scan_ranks(iter_dir: str) -> list[_Rank]:
-    ranks = []
+def _scan_ranks(iter_dir: str, hint: Mapping[str, int]) -> list[_Rank]:
+    """Rank directories; ``hint`` (``pp``/``ep`` sizes) tells ``mp_rank_TT_XXX`` apart."""
+    found = []
     for n in sorted(os.listdir(iter_dir)):
         m = _RANK_DIR.match(n)
         if not m:
             if n.startswith("mp_rank_"):
-                raise SourceFormatError(
-                    f"{os.path.join(iter_dir, n)}: unsupported rank directory (expert-parallel "
-                    "mp_rank_TT_PPP_EEE layouts are not read yet)"
-                )
+                raise SourceFormatError(f"{os.path.join(iter_dir, n)}: unknown rank directory "
+                                        "(expected mp_rank_TT[_PPP][_EEE])")  # fmt: skip
             continue
         f = os.path.join(iter_dir, n, RANK_FILE)
         if not os.path.isfile(f):
             raise SourceFormatError(f"{os.path.join(iter_dir, n)}: no {RANK_FILE}")
-        ranks.append(_Rank(int(m.group(1)), int(m.group(2) or 0), f))
-    if not ranks:
+        found.append((m, f))
+    if not found:
         raise SourceNotFoundError(f"{iter_dir}: no mp_rank_* directories")
-    ranks.sort(key=lambda r: (r.pp, r.tp))
+    two = [m for m, _ in found if m.group(2) is not None and m.group(3) is None]
+    # mp_rank_TT_XXX: a pipeline stage, unless the run is known to be expert-parallel only
+    # (with both, Megatron writes mp_rank_TT_PPP_EEE)
+    expert_only = bool(two) and hint.get("ep", 1) > 1 and hint.get("pp", 1) == 1
+    if two and "pp" not in hint and "ep" not in hint:
+        expert_only = _args_say_expert_only(found[0][1])
+    ranks = []
+    for m, f in found:
+        t, a, b = int(m.group(1)), m.group(2), m.group(3)
+        if b is not None:
+            ranks.append(_Rank(t, int(a), int(b), f))
+        elif a is not None and expert_only:
+            ranks.append(_Rank(t, 0, int(a), f))
+        else:
+            ranks.append(_Rank(t, int(a or 0), 0, f))
+    ranks.sort(key=lambda r: (r.pp, r.ep, r.tp))
     return ranks
+
+
+def _args_say_expert_only(path: str) -> bool:
+    """Megatron's ``args`` in a rank file: pipeline size 1 and expert size > 1."""
+    args = load_rank_file(path).get("args")
+    pp = getattr(args, "pipeline_model_parallel_size", None)
+    ep = getattr(args, "expert_model_parallel_size", None)
+    return pp == 1 and isinstance(ep, int) and ep > 1
