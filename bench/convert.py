@@ -13,12 +13,17 @@ each in a fresh process, ``--repeats`` times:
   parameter names (what ``zero_to_fp32`` gives);
 - ``zero_to_fp32`` (DeepSpeed's ``deepspeed.utils.zero_to_fp32``, safetensors output),
   if ``deepspeed`` imports;
+- ``ds_to_universal`` (DeepSpeed's ``deepspeed.checkpoint.ds_to_universal``: its universal
+  checkpoint, one ``.pt`` per parameter and state), with 1 and ``--ds-workers`` extract/
+  merge worker processes, if ``deepspeed`` imports (the checkpoint then carries
+  ``param_slice_mappings``, which it needs);
 - ``naive``: what users write: ``torch.load`` of every file, ``torch.cat`` of the flat
   partitions, the per-parameter tensors cut out, one ``torch.save`` of everything.
 
 Wall time is the median; peak RSS is the child's ``ru_maxrss`` (a wrapper process per
-run waits for exactly one child). All data lives under ``--workdir`` (default
-``$TMPDIR``) and is removed at the end, also on failure.
+run waits for exactly one child) or, where larger, the RSS summed over the child's
+process tree sampled every 50 ms (``ds_to_universal``'s workers). All data lives under
+``--workdir`` (default ``$TMPDIR``) and is removed at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -79,8 +84,25 @@ def shapes_for(size_gib: float) -> list[list[tuple[str, tuple[int, ...]]]]:
         layers += 1
 
 
-def make_zero2(root: Path, groups: list[list[tuple[str, tuple[int, ...]]]], dp: int) -> Path:
-    """A ZeRO-2 checkpoint at ``root`` (random values, deterministic)."""
+def make_zero2(
+    root: Path,
+    groups: list[list[tuple[str, tuple[int, ...]]]],
+    dp: int,
+    *,
+    slice_mappings: bool = False,
+) -> Path:
+    """A ZeRO-2 checkpoint at ``root`` (random values, deterministic).
+
+    What DeepSpeed's (non-elastic) ZeRO-2 ``state_dict`` saves: ``base_optimizer_state``
+    is the torch optimizer's state dict (``state`` per group, ``param_groups``), and the
+    model states carry ``universal_checkpoint_info``. ``slice_mappings``: also each
+    rank's ``param_slice_mappings`` (per group, param name -> DeepSpeed's
+    ``fragment_address(numel, start)`` in the rank's partition), which DeepSpeed's
+    ``ds_to_universal`` needs; it pickles DeepSpeed's class, so it needs ``deepspeed``.
+    """
+    fragment_address = None
+    if slice_mappings:
+        from deepspeed.utils.tensor_fragment import fragment_address
     tag = root / f"global_step{STEP}"
     tag.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -120,25 +142,51 @@ def make_zero2(root: Path, groups: list[list[tuple[str, tuple[int, ...]]]], dp: 
             "mp_world_size": 1,
             "ds_config": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
             "ds_version": DS_VERSION,
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
         },
         tag / "mp_rank_00_model_states.pt",
     )
     del module
     for r in range(dp):
+        mappings = []
+        for g, grp in enumerate(groups):
+            part = parts["fp32"][g][r].numel()
+            lo, off, m = r * part, 0, OrderedDict()
+            for name, s in grp:  # the params whose flat range meets this partition
+                n = math.prod(s)
+                a, b = max(off, lo), min(off + n, lo + part)
+                if a < b and fragment_address is not None:
+                    m[name] = fragment_address(numel=b - a, start=a - lo)
+                off += n
+            mappings.append(m)
         osd = {
-            "base_optimizer_state": [
-                {
-                    "step": torch.tensor(float(STEP)),
-                    "exp_avg": parts["exp_avg"][g][r],
-                    "exp_avg_sq": parts["exp_avg_sq"][g][r],
-                }
-                for g in range(len(groups))
-            ],
+            "base_optimizer_state": {
+                "state": {
+                    g: {
+                        "step": torch.tensor(float(STEP)),
+                        "exp_avg": parts["exp_avg"][g][r],
+                        "exp_avg_sq": parts["exp_avg_sq"][g][r],
+                    }
+                    for g in range(len(groups))
+                },
+                "param_groups": [
+                    {
+                        "lr": 1e-4,
+                        "betas": (0.9, 0.95),
+                        "eps": 1e-8,
+                        "weight_decay": 0.1 if g == 0 else 0.0,
+                        "params": [g],
+                    }
+                    for g in range(len(groups))
+                ],
+            },
             "single_partition_of_fp32_groups": [parts["fp32"][g][r] for g in range(len(groups))],
             "zero_stage": 2,
             "partition_count": [dp] * len(groups),
             "ds_version": DS_VERSION,
         }
+        if fragment_address is not None:
+            osd["param_slice_mappings"] = mappings
         torch.save(
             {"optimizer_state_dict": osd, "ds_version": DS_VERSION},
             tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
@@ -160,8 +208,9 @@ out = {"model": dict(ms["module"]), "fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
 for g, shapes in enumerate(ms["param_shapes"]):
     flats = {
         "fp32": torch.cat([o["single_partition_of_fp32_groups"][g] for o in osds]),
-        "exp_avg": torch.cat([o["base_optimizer_state"][g]["exp_avg"] for o in osds]),
-        "exp_avg_sq": torch.cat([o["base_optimizer_state"][g]["exp_avg_sq"] for o in osds]),
+        "exp_avg": torch.cat([o["base_optimizer_state"]["state"][g]["exp_avg"] for o in osds]),
+        "exp_avg_sq": torch.cat([o["base_optimizer_state"]["state"][g]["exp_avg_sq"]
+                                 for o in osds]),
     }
     off = 0
     for name, shape in shapes.items():
@@ -174,19 +223,47 @@ torch.save(out, os.path.join(dst, "consolidated.pt"))
 """
 
 WRAP = r"""
-import json, resource, subprocess, sys, time
+import json, os, resource, subprocess, sys, tempfile, time
+
+def tree_rss(root):
+    # RSS summed over ``root`` and its descendants (ds_to_universal runs worker
+    # processes; ru_maxrss gives only the largest single one)
+    kids, rss = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            kids.setdefault(int(fields[1]), []).append(int(pid))
+            rss[int(pid)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    total, todo = 0, [root]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += kids.get(p, [])
+    return total
+
+err = tempfile.TemporaryFile()
 t = time.perf_counter()
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=err)
+tree = 0
+while proc.poll() is None:
+    tree = max(tree, tree_rss(proc.pid))
+    time.sleep(0.05)
 wall = time.perf_counter() - t
-if rc.returncode:
-    sys.stderr.write(rc.stderr.decode()[-3000:])
-    sys.exit(rc.returncode)
-print(json.dumps({"wall": wall,
+if proc.returncode:
+    err.seek(0)
+    sys.stderr.write(err.read().decode()[-3000:])
+    sys.exit(proc.returncode)
+print(json.dumps({"wall": wall, "tree_rss": tree,
                   "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
 
-def cases(src: Path, out: Path, has_ds: bool, names: list[str]) -> dict[str, list[str]]:
+def cases(
+    src: Path, out: Path, has_ds: bool, names: list[str], ds_workers: int = 2
+) -> dict[str, list[str]]:
     py = sys.executable
     cli = [py, "-m", "ckptd.converters.cli"]
     rename = out.parent / "fp32_masters.json"
@@ -224,6 +301,23 @@ def cases(src: Path, out: Path, has_ds: bool, names: list[str]) -> dict[str, lis
             "--max_shard_size",
             "5GB",
         ]
+        # DeepSpeed's universal checkpoint: fragments extracted by worker processes into
+        # temp files, then merged per parameter (its own --num_*_workers; one process
+        # with 1, where ru_maxrss is exact)
+        for w in sorted({1, ds_workers}):
+            all_cases[f"deepspeed ds_to_universal (workers {w})"] = [
+                py,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(src / f"global_step{STEP}"),
+                "--output_folder",
+                str(out),
+                "--num_extract_workers",
+                str(w),
+                "--num_merge_workers",
+                str(w),
+            ]
     return {k: v for k, v in all_cases.items() if not names or any(k.startswith(n) for n in names)}
 
 
@@ -233,6 +327,9 @@ def main() -> None:
     ap.add_argument("--dp", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default="", help="comma list of case-name prefixes")
+    ap.add_argument(
+        "--ds-workers", type=int, default=2, help="ds_to_universal's extract/merge workers"
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args()
@@ -240,9 +337,15 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_start = os.getloadavg()
     try:
+        try:
+            import deepspeed.utils.zero_to_fp32  # noqa: F401
+
+            has_ds = True
+        except Exception:  # any import failure means "not installed"
+            has_ds = False
         groups = shapes_for(a.size_gib)
         t = time.perf_counter()
-        src = make_zero2(work / "ds", groups, a.dp)
+        src = make_zero2(work / "ds", groups, a.dp, slice_mappings=has_ds)
         size = sum(f.stat().st_size for f in src.rglob("*.pt"))
         params = sum(math.prod(s) for g in groups for _, s in g)
         largest = max(math.prod(s) for g in groups for _, s in g) * 4
@@ -252,16 +355,11 @@ def main() -> None:
             f"{time.perf_counter() - t:.0f} s)",
             flush=True,
         )
-        try:
-            import deepspeed.utils.zero_to_fp32  # noqa: F401
-
-            has_ds = True
-        except Exception:  # any import failure means "not installed"
-            has_ds = False
         wrap = work / "wrap.py"
         wrap.write_text(WRAP)
         results: dict[str, dict[str, object]] = {}
-        todo = cases(src, work / "out", has_ds, [c for c in a.cases.split(",") if c])
+        names = [c for c in a.cases.split(",") if c]
+        todo = cases(src, work / "out", has_ds, names, a.ds_workers)
         for rep in range(a.repeats):  # interleaved: every case sees the same machine state
             for name, cmd in todo.items():
                 shutil.rmtree(work / "out", ignore_errors=True)
@@ -274,10 +372,12 @@ def main() -> None:
                 m = json.loads(r.stdout.strip().splitlines()[-1])
                 res = results.setdefault(name, {"wall": [], "rss": [], "cmd": cmd})
                 res["wall"].append(m["wall"])  # type: ignore[union-attr]
-                res["rss"].append(m["rss"])  # type: ignore[union-attr]
+                # peak RSS: the largest process (ru_maxrss) or, for a tool with worker
+                # processes, the sampled sum over its process tree, whichever is larger
+                res["rss"].append(max(m["rss"], m["tree_rss"]))  # type: ignore[union-attr]
                 print(
                     f"  [{rep + 1}/{a.repeats}] {name}: {m['wall']:.1f} s, "
-                    f"peak RSS {m['rss'] / 2**20:.0f} MiB",
+                    f"peak RSS {max(m['rss'], m['tree_rss']) / 2**20:.0f} MiB",
                     flush=True,
                 )
         table = _table(results)
@@ -329,7 +429,10 @@ def _verdict(results: dict[str, dict[str, object]]) -> list[str]:
     """Ours against its peer: speed-up (median wall) and peak RSS ratio (max), target
     >= 2x faster and <= 1/4 of the memory."""
     lines = []
-    for ours, peer in PAIRS:
+    pairs = list(PAIRS) + [
+        ("ckpt-convert->universal", k) for k in results if k.startswith("deepspeed ds_to_univ")
+    ]
+    for ours, peer in pairs:
         if ours not in results or peer not in results:
             continue
         wo, wp = (statistics.median(results[k]["wall"]) for k in (ours, peer))  # type: ignore[arg-type]

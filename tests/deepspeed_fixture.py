@@ -20,6 +20,11 @@ The layout follows DeepSpeed's engine and ``deepspeed/utils/zero_to_fp32.py``:
   own into ``ceil(numel / dp)`` elements per rank, the last rank's tail zero-padded.
 
 Everything is saved with ``torch.save`` and loads with ``weights_only=True``.
+
+:class:`TinyModel` is the model whose state dict these checkpoints hold (:func:`forward`
+gives its logits for forward-equality checks). :func:`write_deepspeed_tp` writes a
+Megatron-DeepSpeed checkpoint at TP x DP (one ZeRO-2 checkpoint per mp rank, shards cut
+by hand as Megatron lays them out).
 """
 
 from __future__ import annotations
@@ -39,6 +44,46 @@ GROUPS: list[list[tuple[str, tuple[int, ...]]]] = [
     [("fc1.bias", (13,)), ("fc2.bias", (7,)), ("norm.weight", (7,)), ("norm.bias", (7,))],
 ]
 BUFFERS = {"rope.inv_freq": (4,)}
+
+
+class _Rope(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", torch.zeros(BUFFERS["rope.inv_freq"]))
+
+
+class TinyModel(torch.nn.Module):
+    """The model whose state dict the fixture's checkpoints hold (``GROUPS``, ``BUFFERS``).
+
+    Tied embedding/head, an MLP with a residual, a LayerNorm and a sinusoidal position
+    term from the ``rope.inv_freq`` buffer: every tensor of the checkpoint changes the
+    output, so a forward pass checks them all.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 7)
+        self.fc1 = torch.nn.Linear(7, 13)
+        self.fc2 = torch.nn.Linear(13, 7)
+        self.norm = torch.nn.LayerNorm(7)
+        self.rope = _Rope()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        pos = torch.arange(ids.shape[-1], dtype=h.dtype)[:, None] * self.rope.inv_freq[None]
+        h = h + torch.nn.functional.pad(torch.sin(pos), (0, h.shape[-1] - pos.shape[-1]))
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        return self.norm(h) @ self.embed.weight.T
+
+
+def forward(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of :class:`TinyModel` (float32) with ``weights`` loaded strictly, on a
+    fixed batch of token ids: equal weights give bit-identical outputs."""
+    model = TinyModel()
+    model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
+    ids = torch.tensor([[0, 3, 7, 10, 2, 5], [9, 1, 4, 4, 8, 6]])
+    with torch.no_grad():
+        return model(ids)
 
 
 def tiny_state(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
@@ -214,3 +259,130 @@ def _save_optim(d: Path, rank: int, osd: dict) -> None:
         {"optimizer_state_dict": osd, "ds_config": {}, "ds_version": DS_VERSION},
         d / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
     )
+
+
+# ---------------------------------------------------------------------------
+# Model-parallel (Megatron-DeepSpeed, TP > 1): one ZeRO checkpoint per mp rank.
+
+MP_VARS = {"heads": 4, "kv_heads": 2, "head_dim": 2, "hidden": 8, "ffn": 16, "vocab": 13,
+           "layers": 1, "vocab_multiple": 8}  # fmt: skip
+_L = "language_model.encoder.layers.0."
+# (canonical name, canonical shape, how Megatron shards it over TP)
+MP_PARAMS: list[tuple[str, tuple[int, ...], str]] = [
+    ("language_model.embedding.word_embeddings.weight", (13, 8), "vocab"),
+    ("language_model.embedding.position_embeddings.weight", (6, 8), "replica"),
+    (_L + "input_layernorm.weight", (8,), "replica"),
+    (_L + "input_layernorm.bias", (8,), "replica"),
+    (_L + "self_attention.query_key_value.weight", (16, 8), "qkv"),
+    (_L + "self_attention.query_key_value.bias", (16,), "qkv"),
+    (_L + "self_attention.dense.weight", (8, 8), "dim1"),
+    (_L + "self_attention.dense.bias", (8,), "replica"),
+    (_L + "post_attention_layernorm.weight", (8,), "replica"),
+    (_L + "post_attention_layernorm.bias", (8,), "replica"),
+    (_L + "mlp.dense_h_to_4h.weight", (16, 8), "dim0"),
+    (_L + "mlp.dense_h_to_4h.bias", (16,), "dim0"),
+    (_L + "mlp.dense_4h_to_h.weight", (8, 16), "dim1"),
+    (_L + "mlp.dense_4h_to_h.bias", (8,), "replica"),
+    ("language_model.encoder.final_layernorm.weight", (8,), "replica"),
+    ("language_model.encoder.final_layernorm.bias", (8,), "replica"),
+]
+
+
+def mp_state(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Canonical (unsharded, unpadded) fp32 masters and Adam moments of a 1-layer GPT."""
+    g = torch.Generator().manual_seed(seed)
+    params = {
+        name: {
+            "fp32": torch.randn(shape, generator=g),
+            "exp_avg": torch.randn(shape, generator=g) * 1e-2,
+            "exp_avg_sq": torch.rand(shape, generator=g) * 1e-4,
+        }
+        for name, shape, _ in MP_PARAMS
+    }
+    return {"params": params, "buffers": {}}
+
+
+def megatron_shard(t: torch.Tensor, how: str, r: int, tp: int) -> torch.Tensor:
+    """TP rank ``r``'s local shard of canonical ``t``, as Megatron lays it out (written
+    by hand here, not with our spec): vocab rows padded with zeros to a multiple of
+    ``vocab_multiple`` and split; QKV interleaved per query group ``[q_g; k_g; v_g]``
+    with the groups split over TP; column/row-parallel splits; replicas whole."""
+    v = MP_VARS
+    if how == "replica":
+        return t.clone()
+    if how == "dim0":
+        return t.chunk(tp, 0)[r].clone()
+    if how == "dim1":
+        return t.chunk(tp, 1)[r].clone()
+    if how == "vocab":
+        rows = math.ceil(v["vocab"] / v["vocab_multiple"]) * v["vocab_multiple"]
+        padded = torch.cat([t, torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype)])
+        return padded.chunk(tp, 0)[r].clone()
+    assert how == "qkv"
+    hd, heads, kv = v["head_dim"], v["heads"], v["kv_heads"]
+    q, k, val = t[: heads * hd], t[heads * hd : (heads + kv) * hd], t[(heads + kv) * hd :]
+    per_group = heads // kv * hd
+    groups = range(r * kv // tp, (r + 1) * kv // tp)
+    return torch.cat(
+        [
+            torch.cat(
+                [
+                    q[g * per_group : (g + 1) * per_group],
+                    k[g * hd : (g + 1) * hd],
+                    val[g * hd : (g + 1) * hd],
+                ]
+            )
+            for g in groups
+        ]
+    ).clone()
+
+
+def write_deepspeed_tp(root: Path, state: dict, *, tp: int, dp: int, step: int = 5) -> Path:
+    """``state`` (from :func:`mp_state`) as a Megatron-DeepSpeed ZeRO-2 checkpoint at TP
+    ``tp`` x DP ``dp``: per mp rank ``mp_rank_{mp:02d}_model_states.pt`` (bf16 local
+    shards, local ``param_shapes``, one param group) and its own DP partitions
+    ``bf16_zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt`` (a bf16 engine's names,
+    ``deepspeed/runtime/engine.py`` ``_get_rank_zero_ckpt_name``)."""
+    tag = f"global_step{step}"
+    d = root / tag
+    d.mkdir(parents=True, exist_ok=True)
+    (root / "latest").write_text(tag)
+    kinds = ("fp32", "exp_avg", "exp_avg_sq")
+    for mp in range(tp):
+        local = {
+            k: {n: megatron_shard(state["params"][n][k], how, mp, tp) for n, _, how in MP_PARAMS}
+            for k in kinds
+        }
+        ms = _model_states({"params": {}, "buffers": {}}, 2, dp, step)
+        ms["module"] = OrderedDict((n, t.to(MODEL_DTYPE)) for n, t in local["fp32"].items())
+        ms["param_shapes"] = [OrderedDict((n, t.shape) for n, t in local["fp32"].items())]
+        ms["mp_world_size"] = tp
+        torch.save(ms, d / f"mp_rank_{mp:02d}_model_states.pt")
+        parts = {k: zero2_partition(torch.cat([t.reshape(-1) for t in local[k].values()]), dp)
+                 for k in kinds}  # fmt: skip
+        numel = sum(t.numel() for t in local["fp32"].values())
+        pad = math.ceil(numel / (2 * dp)) * 2 * dp - numel
+        for r in range(dp):
+            osd = {
+                "loss_scaler": None,
+                "dynamic_loss_scale": False,
+                "overflow": False,
+                "clip_grad": 1.0,
+                "base_optimizer_state": [
+                    {
+                        "step": torch.tensor(float(step)),
+                        "exp_avg": parts["exp_avg"][r],
+                        "exp_avg_sq": parts["exp_avg_sq"][r],
+                    }
+                ],
+                "single_partition_of_fp32_groups": [parts["fp32"][r]],
+                "zero_stage": 2,
+                "group_paddings": [pad if r == dp - 1 else 0],
+                "partition_count": [dp],
+                "ds_version": DS_VERSION,
+            }
+            torch.save(
+                {"optimizer_state_dict": osd, "ds_config": {}, "ds_version": DS_VERSION},
+                d / f"bf16_zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt",
+            )
+    return root

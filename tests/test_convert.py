@@ -366,6 +366,57 @@ def test_interrupt_and_resume_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     )
 
 
+def test_interrupt_and_resume_dcp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DCP target records each bucket file (size, CRC32C, DCP's write results) once it
+    is fsync'd; a rerun reuses the files that still match and rewrites the others, and
+    ``torch.distributed.checkpoint.load`` reads the result."""
+    import torch.distributed.checkpoint as dcp
+
+    from ckptd.converters.targets import dcp as dcp_target
+
+    real = dcp_target.buckets  # ~2.6 MB buckets: several .distcp files for 7.2 MB
+    monkeypatch.setattr(dcp_target, "buckets", lambda tensors, _: real(tensors, 5 << 19))
+    src = _big_state()
+    save_file(src, str(tmp_path / "m.safetensors"))
+    opts = ConvertOptions(target_format="dcp")
+    cb, first = _stop_after(7)
+    with pytest.raises(Interrupt):
+        convert(str(tmp_path / "m.safetensors"), str(tmp_path / "d"), opts, on_tensor=cb)
+    out = tmp_path / "d"
+    assert not (out / ".metadata").exists() and not (out / ".ckpt-convert-complete").exists()
+    files = json.loads((out / ".ckpt-convert-progress.json").read_text())["files"]
+    assert len(files) >= 2
+    recorded = {i["fqn"]: f for f, rec in files.items() for i in rec["items"]}
+    assert set(first) <= set(recorded)  # reported done only once recorded
+    # Corrupt one recorded file: its CRC32C no longer matches, so it is written again.
+    victim = sorted(files)[0]
+    data = bytearray((out / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / victim).write_bytes(bytes(data))
+    fetched: list[str] = []
+    res = convert(
+        str(tmp_path / "m.safetensors"),
+        str(out),
+        opts,
+        on_tensor=lambda n, resumed: None if resumed else fetched.append(n),
+    )
+    kept = {n for n, f in recorded.items() if f != victim}
+    assert set(res.resumed) == kept and kept and not kept & set(fetched)
+    assert set(fetched) == set(src) - kept
+    got = {k: torch.full_like(v, -1) for k, v in src.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(got, checkpoint_id=str(out), no_dist=True)
+    _assert_bit_exact(got, src)
+    assert not (out / ".ckpt-convert-progress.json").exists()
+    assert (out / ".ckpt-convert-complete").is_file()
+    # Another plan over an interrupted conversion starts over: nothing is reused.
+    with pytest.raises(Interrupt):
+        convert(str(tmp_path / "m.safetensors"), str(tmp_path / "d2"), opts, on_tensor=cb)
+    other = ConvertOptions(target_format="dcp", weights_only=True, step=3, overwrite=True)
+    assert not convert(str(tmp_path / "m.safetensors"), str(tmp_path / "d2"), other).resumed
+
+
 def test_resume_hf_through_cli_counts_resumed(tmp_path: Path) -> None:
     """Default window sizes: a 3 MB shard is one window, synced once; after an
     interruption right after the first shard, a rerun through the CLI verifies and keeps

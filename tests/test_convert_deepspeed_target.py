@@ -63,10 +63,11 @@ def test_universal_to_dp3_and_back_is_bit_exact(tmp_path: Path, ds2: tuple[Path,
     convert(str(src), str(tmp_path / "u1"), ConvertOptions())
     r = convert(str(tmp_path / "u1"), str(tmp_path / "ds3"), _opts(dp=3))
     assert r.plan.target_format == "deepspeed"
-    files = sorted(os.listdir(tmp_path / "ds3" / TAG))
-    assert files == ["mp_rank_00_model_states.pt"] + [
-        f"zero_pp_rank_{i}_mp_rank_00_optim_states.pt" for i in range(3)
-    ]
+    files = os.listdir(tmp_path / "ds3" / TAG)
+    assert sorted(files) == sorted(
+        ["mp_rank_00_model_states.pt"]
+        + [f"bf16_zero_pp_rank_{i}_mp_rank_00_optim_states.pt" for i in range(3)]
+    )
     assert (tmp_path / "ds3" / "latest").read_text() == TAG
     assert not (tmp_path / "ds3" / ".ckpt-convert-progress.json").exists()
     convert(str(tmp_path / "ds3"), str(tmp_path / "u2"), ConvertOptions())
@@ -80,11 +81,13 @@ def test_dp2_to_dp4_matches_deepspeed_partitioning(tmp_path: Path, ds2: tuple[Pa
     ref, got = tmp_path / "ref4" / TAG, tmp_path / "ds4" / TAG
     a, b = _load(ref / "mp_rank_00_model_states.pt"), _load(got / "mp_rank_00_model_states.pt")
     assert a["param_shapes"] == b["param_shapes"] and b["dp_world_size"] == 4
+    assert b["ds_config"]["bf16"] == {"enabled": True}
     assert list(a["module"]) == list(b["module"]) and b["buffer_names"] == a["buffer_names"]
     _same(dict(b["module"]), dict(a["module"]))
     for r in range(4):
         name = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-        x, y = _load(ref / name)["optimizer_state_dict"], _load(got / name)["optimizer_state_dict"]
+        x = _load(ref / name)["optimizer_state_dict"]
+        y = _load(got / f"bf16_{name}")["optimizer_state_dict"]  # bf16 weights: a bf16 run
         assert y["zero_stage"] == 2 and y["partition_count"] == [4, 4]
         assert y["base_optimizer_state_step"] == 5
         for g in range(2):

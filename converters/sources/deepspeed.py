@@ -1,10 +1,13 @@
-"""Source: a DeepSpeed checkpoint (ZeRO 0/1/2/3, one model-parallel rank).
+"""Source: a DeepSpeed checkpoint (ZeRO 0/1/2/3; model-parallel ranks via a spec).
 
 Layout (DeepSpeed's engine; ``deepspeed/utils/zero_to_fp32.py`` reads the same):
 ``DIR/latest`` names the tag, ``DIR/<tag>/`` holds ``mp_rank_00_model_states.pt``
 (ZeRO 0/1/2) or ``zero_pp_rank_{r}_mp_rank_00_model_states.pt`` (ZeRO-3), and one
 ``zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` per data-parallel rank. SRC may be
-``DIR`` or ``DIR/<tag>``; ``--step N`` picks the tag ``global_stepN``.
+``DIR`` or ``DIR/<tag>``; ``--step N`` picks the tag ``global_stepN``. With several
+model-parallel ranks (``mp_rank_01...``: Megatron-DeepSpeed with TP > 1), each rank is
+read as below and the TP shards are assembled by :mod:`.deepspeed_mp` with a reshard
+spec (``--spec``, default ``deepspeed_megatron``; model variables from ``--var``).
 
 Tensors given (names follow ``ckpt.save``: ``model.<fqn>``, ``optim.state.<fqn>.<k>``):
 
@@ -49,6 +52,7 @@ import pickle
 import re
 import threading
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -70,6 +74,7 @@ from ckptd.dtypes import dtype_name, torch_dtype
 LATEST = markers.DS_LATEST
 MODEL_GLOB = markers.DS_MODEL_GLOB
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+MODEL_RE = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM_KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
@@ -236,27 +241,50 @@ class DeepSpeedSource(InventorySource):
 
     format = "deepspeed"
 
-    def __init__(self, path: str, step: int | None = None, workers: int = 4) -> None:
+    def __init__(
+        self,
+        path: str,
+        step: int | None = None,
+        workers: int = 4,
+        *,
+        variables: Mapping[str, int] | None = None,
+        spec: str | None = None,
+        mp_rank: int | None = None,
+    ) -> None:
+        """Open the checkpoint (metadata only). ``variables``/``spec``: the TP layout of a
+        model-parallel checkpoint; ``mp_rank``: read only that mp rank's files (its
+        local shards), as the model-parallel assembly does for each rank."""
         super().__init__(path, step, workers)
         root = path.removeprefix("file://")
         if not os.path.isdir(root):
             raise SourceNotFoundError(f"source {path!r} is not a directory")
         self.dir = _tag_dir(root, step)
-        model_files = sorted(glob.glob(os.path.join(glob.escape(self.dir), MODEL_GLOB)))
-        if not model_files:
-            raise SourceNotFoundError(f"{self.dir}: no *_model_states.pt")
-        if any(re.search(r"mp_rank_(?!00_)\d+", os.path.basename(f)) for f in model_files):
-            raise SourceFormatError(
-                f"{self.dir}: model-parallel DeepSpeed checkpoints (mp_rank_01...) are not "
-                "supported by this source; convert through the Megatron-DeepSpeed spec"
-            )
-        self.model_file = next(
-            (f for f in model_files if os.path.basename(f) == "mp_rank_00_model_states.pt"),
-            model_files[0],
-        )
-        self.optim_files = self._optim_files()
+        self._mp: Any = None  # a deepspeed_mp.MPAssembly with several mp ranks
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
+        by_mp: dict[int, list[str]] = {}
+        for f in sorted(os.listdir(self.dir)):
+            if m := MODEL_RE.match(f):
+                by_mp.setdefault(int(m.group(1)), []).append(os.path.join(self.dir, f))
+        if not by_mp:
+            raise SourceNotFoundError(f"{self.dir}: no *_model_states.pt")
+        if sorted(by_mp) != list(range(len(by_mp))):
+            raise SourceFormatError(f"{self.dir}: model files for mp ranks {sorted(by_mp)}")
+        if mp_rank is None and len(by_mp) > 1:
+            # --spec also carries a DeepSpeed target's param-groups JSON: not a layout.
+            # At TP=1 --spec and --var are the target's (e.g. --to megatron): not used.
+            layout_spec = spec if spec and not spec.endswith(".json") else None
+            self._open_model_parallel(path, step, workers, len(by_mp), variables, layout_spec)
+            return
+        self.mp_rank = mp_rank or 0
+        if self.mp_rank not in by_mp:
+            raise SourceNotFoundError(f"{self.dir}: no model states of mp rank {self.mp_rank}")
+        model_files = by_mp[self.mp_rank]
+        mp_name = f"mp_rank_{self.mp_rank:02d}_model_states.pt"
+        self.model_file = next(
+            (f for f in model_files if os.path.basename(f) == mp_name), model_files[0]
+        )
+        self.optim_files = self._optim_files()
         self._locs: list[dict[str, list[_Loc]]] = []  # per rank: kind -> per group
         ms = self._load_meta(self.model_file)
         module = _get(ms, "module", where=self.model_file)
@@ -289,6 +317,32 @@ class DeepSpeedSource(InventorySource):
             if self._steps[p.group] is not None:
                 self._add(f"optim.state.{p.name}.step", "float32", ())
 
+    def _open_model_parallel(
+        self,
+        path: str,
+        step: int | None,
+        workers: int,
+        tp: int,
+        variables: Mapping[str, int] | None,
+        spec: str | None,
+    ) -> None:
+        """Open every mp rank on its own and assemble their TP shards (``.deepspeed_mp``)."""
+        from ckptd.converters.sources.deepspeed_mp import MPAssembly
+
+        self._ranks = [DeepSpeedSource(path, step, workers, mp_rank=r) for r in range(tp)]
+        first = self._ranks[0]
+        self.model_file, self.optim_files = first.model_file, first.optim_files
+        self.stage, self.dp, self._ds_step = first.stage, first.dp, first._ds_step
+        for r in self._ranks[1:]:
+            if (r.stage, r.dp) != (self.stage, self.dp):
+                raise SourceFormatError(
+                    f"{r.model_file}: ZeRO-{r.stage} at dp={r.dp}, mp rank 0 has "
+                    f"ZeRO-{self.stage} at dp={self.dp}"
+                )
+        self._mp = MPAssembly(self._ranks, spec, dict(variables or {}))
+        self._infos = dict(self._mp.infos)
+        self._skipped = list(first.skipped())
+
     def _add(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         self._infos[name] = TensorInfo(name, dtype, shape)
 
@@ -296,7 +350,7 @@ class DeepSpeedSource(InventorySource):
         by_rank: dict[int, str] = {}
         for f in sorted(os.listdir(self.dir)):
             m = OPTIM_RE.match(f)
-            if m and m.group(2) == "00":
+            if m and int(m.group(2)) == self.mp_rank:
                 by_rank[int(m.group(1))] = os.path.join(self.dir, f)
         if by_rank and sorted(by_rank) != list(range(len(by_rank))):
             raise SourceFormatError(
@@ -409,6 +463,8 @@ class DeepSpeedSource(InventorySource):
         return int(self._ds_step) if isinstance(self._ds_step, int) else None
 
     def read(self, name: str) -> torch.Tensor:
+        if self._mp is not None:
+            return check_read(self._infos[name], self._mp.read(name), self.dir)
         info = self._infos[name]
         where = self.model_file if name.startswith("model.") else self.optim_files[0]
         spans = self._spans(name)
@@ -428,6 +484,9 @@ class DeepSpeedSource(InventorySource):
 
     def read_range(self, name: str, start: int, out: memoryview) -> None:
         """``preadv`` of just the asked bytes from the file ranges that hold them."""
+        if self._mp is not None:
+            self._mp.read_range(name, start, out)
+            return
         spans = self._spans(name)
         if spans is None:
             super().read_range(name, start, out)
@@ -436,6 +495,8 @@ class DeepSpeedSource(InventorySource):
 
     def prefetch(self, name: str, start: int, nbytes: int) -> None:
         """``posix_fadvise(WILLNEED)`` on the file ranges under the bytes asked for next."""
+        if self._mp is not None:
+            return  # the local tensors are read whole, rank by rank
         spans = self._spans(name) if hasattr(os, "posix_fadvise") else None
         for sp in spans or ():
             lo, hi = max(sp.lo, start), min(sp.hi, start + nbytes)
@@ -516,6 +577,8 @@ class DeepSpeedSource(InventorySource):
             done += n
 
     def close(self) -> None:
+        for r in getattr(self, "_ranks", ()):
+            r.close()
         with self._fd_lock:
             fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
@@ -524,6 +587,12 @@ class DeepSpeedSource(InventorySource):
     def fingerprint(self) -> str:
         files = [os.path.join(self.dir, f) for f in sorted(os.listdir(self.dir))]
         files = [f for f in files if f.endswith(".pt")]
-        return "deepspeed:" + "|".join(
-            f"{os.path.basename(f)}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files
+        layout = f"|{self._mp.fingerprint()}" if self._mp is not None else ""
+        return (
+            "deepspeed:"
+            + "|".join(
+                f"{os.path.basename(f)}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}"
+                for f in files
+            )
+            + layout
         )

@@ -4,8 +4,10 @@ Writes what DeepSpeed's engine saves (``deepspeed/runtime/zero/stage_1_and_2.py`
 read back by ``deepspeed/utils/zero_to_fp32.py`` and our DeepSpeed source) for a chosen
 data-parallel size: ``DST/global_stepN/mp_rank_00_model_states.pt`` (``module``,
 ``param_shapes``, ``buffer_names``, ``dp_world_size``, ``ds_version`` ...), one
-``zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` per DP rank, then ``DST/latest`` (the
-tag) and ``.ckpt-convert-complete`` last. ``--target-layout dp=N[,zero=1|2][,groups=1|2]``.
+``[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` per DP rank (``bf16_`` as a bf16
+engine names them: see :meth:`DeepSpeedTarget._is_bf16`), then ``DST/latest`` (the tag)
+and ``.ckpt-convert-complete`` last.
+``--target-layout dp=N[,zero=1|2][,groups=1|2][,bf16=0|1]``.
 
 Flat partitions (the inverse of the source's flat-range math): a param group's fp32
 masters lie back to back in ``param_shapes`` order, padded with zeros to a multiple of
@@ -70,6 +72,7 @@ from ckptd.dtypes import itemsize_of, torch_dtype
 LATEST = "latest"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+BF16_PREFIX = "bf16_"  # DeepSpeed's engine names a bf16 run's optim files bf16_zero_pp_rank_...
 DS_VERSION = "0.14.4"  # the newest format these files follow (readable by later versions)
 KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 _SYNC_BYTES = 256 << 20  # fsync + record progress at least this often
@@ -136,10 +139,10 @@ class DeepSpeedTarget(Target):
     ) -> None:
         super().__init__(path, options)
         layout = dict(options.target_layout)
-        unknown = sorted(set(layout) - {"dp", "zero", "groups", "tp", "pp"})
+        unknown = sorted(set(layout) - {"dp", "zero", "groups", "bf16", "tp", "pp"})
         if unknown:
             raise PlanError(
-                f"deepspeed target: unknown --target-layout keys {unknown} (dp, zero, groups)"
+                f"deepspeed target: unknown --target-layout keys {unknown} (dp, zero, groups, bf16)"
             )
         if layout.get("tp", 1) != 1 or layout.get("pp", 1) != 1:
             raise PlanError("deepspeed target: only tp=1, pp=1 (mp_rank_00) is written")
@@ -152,6 +155,9 @@ class DeepSpeedTarget(Target):
             raise PlanError(f"deepspeed target: zero={self.zero}; ZeRO-1 and 2 are written")
         if self.groups not in (1, 2):
             raise PlanError(f"deepspeed target: groups={self.groups}; 1 or 2 (or --spec FILE)")
+        self.bf16: int | None = layout.get("bf16")
+        if self.bf16 not in (None, 0, 1):
+            raise PlanError(f"deepspeed target: bf16={self.bf16}; 0 or 1")
         self.param_groups = [list(g) for g in param_groups] if param_groups else None
         if self.param_groups is None and options.spec:
             self.param_groups = _load_groups(options.spec)
@@ -164,10 +170,25 @@ class DeepSpeedTarget(Target):
     def tag(self) -> str:
         return f"global_step{self.options.step}"
 
+    def _is_bf16(self, plan: _Plan) -> bool:
+        """Whether the output is a bf16 run's checkpoint: ``bf16=0|1``, by default
+        whether every parameter's model weight is bfloat16 (what a bf16 engine saves).
+
+        Why it matters: DeepSpeed's engine looks for ``bf16_zero_pp_rank_...`` files when
+        bf16 is enabled and ``zero_pp_rank_...`` otherwise (``_get_zero_ckpt_prefix``);
+        ``load_checkpoint`` finds no other name.
+        """
+        if self.bf16 is not None:
+            return bool(self.bf16)
+        params = {p.fqn for p in plan.params}
+        weights = [t.dtype for t in plan.module if t.name in params]
+        return bool(weights) and all(d == "bfloat16" for d in weights)
+
     def _files(self, plan: _Plan) -> list[str]:
         files = [f"{self.tag}/{MODEL_FILE}"]
         if plan.params:
-            files += [f"{self.tag}/{OPTIM_FILE.format(r)}" for r in range(self.dp)]
+            prefix = BF16_PREFIX if self._is_bf16(plan) else ""
+            files += [f"{self.tag}/{prefix}{OPTIM_FILE.format(r)}" for r in range(self.dp)]
         return files
 
     # ------------------------------------------------------------------ planning
@@ -373,7 +394,9 @@ class DeepSpeedTarget(Target):
         for p in plan.params:
             by_group[p.group][p.fqn] = torch.Size(p.shape)
         pnames = {p.fqn for p in plan.params}
-        cfg = {"zero_optimization": {"stage": self.zero if plan.params else 0}}
+        cfg: dict[str, Any] = {"zero_optimization": {"stage": self.zero if plan.params else 0}}
+        if self._is_bf16(plan):
+            cfg["bf16"] = {"enabled": True}
         model = {
             "module": OrderedDict(
                 (t.name, _Slot(f"module/{t.name}", t.dtype, t.shape)) for t in plan.module
