@@ -77,6 +77,9 @@ def _rank(rank: int, world: int, port: int, a: dict[str, Any], out: dict[int, An
         mutate(state)
         times: dict[str, list[float]] = {"memory": [], "disk": []}
         sources: dict[str, list[str]] = {"memory": [], "disk": []}
+        busy: dict[str, list[float]] = {"memory": [], "disk": []}
+        # CPU seconds during each load: this rank, then (rank 0 only) each live daemon
+        cpu_s: dict[str, list[list[float]]] = {"memory": [], "disk": []}
         for _ in range(a["repeats"]):
             for case in ("memory", "disk"):
                 ckpt.configure(load_from_memory=case == "memory")
@@ -84,27 +87,68 @@ def _rank(rank: int, world: int, port: int, a: dict[str, Any], out: dict[int, An
                 if rank == 0:
                     drop_caches(Path(a["root"]))
                 dist.barrier()
-                prof = None
+                prof = spy = None
                 if a.get("profile_load") and rank == 0 and case == "memory":
                     import cProfile
 
                     prof = cProfile.Profile()
                     prof.enable()
+                if a.get("spy_load") and rank == a["spy_rank"] and case == "memory":
+                    spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "-r",
+                                            "250", "-f", "raw", "--threads", "--nonblocking",
+                                            "-o", a["spy_load"]], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+                    time.sleep(1.0)  # py-spy attaches
+                cpu0, own0 = _cpu_ticks(), _proc_cpu_s([os.getpid(), *a.get("daemon_pids", [])])
                 t0 = time.perf_counter()
                 res = ckpt.load(state, a["root"])
                 times[case].append(time.perf_counter() - t0)
+                busy[case].append(_busy_cores(cpu0, _cpu_ticks()))
+                own1 = _proc_cpu_s([os.getpid(), *a.get("daemon_pids", [])])
+                cpu_s[case].append([round(y - x, 2) for x, y in zip(own0, own1)])
                 if prof is not None:
                     prof.disable()
                     prof.dump_stats(a["profile_load"])
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(30)
                 sources[case].append(res.source)
                 got = fingerprint(state)
                 if got != expect:
                     raise AssertionError(f"rank {rank}: {case} load is not bit-exact")
                 mutate(state)
-        out[rank] = {"times": times, "sources": sources}
+        out[rank] = {"times": times, "sources": sources, "busy_cores": busy, "cpu_s": cpu_s}
     finally:
         ckpt.shutdown()
         dist.destroy_process_group()
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle + iowait
+    return sum(v) - idle, sum(v)
+
+
+def _proc_cpu_s(pids: list[int]) -> list[float]:
+    """User + system CPU seconds so far of each process (all its threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / tick)
+        except OSError:
+            out.append(0.0)
+    return out
+
+
+def _busy_cores(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """Average number of busy cores between two :func:`_cpu_ticks` readings."""
+    total = b[1] - a[1]
+    return round((b[0] - a[0]) / total * (os.cpu_count() or 1), 2) if total else 0.0
 
 
 def _job(world: int, a: dict[str, Any]) -> dict[int, Any]:
@@ -168,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="py-spy the serving daemon during the serve probe (svg path)")
     ap.add_argument("--profile-load", default=None,
                     help="cProfile rank 0's memory load (the rebuilt rank) into this file")
+    ap.add_argument("--spy-load", default=None,
+                    help="py-spy (all threads, raw folded stacks) a rank's memory loads")
+    ap.add_argument("--spy-rank", type=int, default=0, help="the rank --spy-load records")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="ckrb-", dir="/tmp"))
     shm_base = Path(tempfile.mkdtemp(prefix="ckptd-rebuild-", dir="/dev/shm"))
@@ -200,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         sockets = [daemons[1].socket_path, daemons[1].socket_path, daemons[2].socket_path]
         got = _job(3, {"role": "load", "sockets": sockets, "root": root,
                        "node_gib": args.node_gib, "repeats": args.repeats,
-                       "profile_load": args.profile_load,
+                       "profile_load": args.profile_load, "spy_load": args.spy_load,
+                       "spy_rank": args.spy_rank,
+                       "daemon_pids": [d.proc.pid for d in daemons[1:] if d.proc is not None],
                        "fingerprints": {r: saved[r]["fingerprint"] for r in saved}})
         job = {c: [max(got[r]["times"][c][i] for r in got) for i in range(args.repeats)]
                for c in ("memory", "disk")}
@@ -216,6 +265,11 @@ def main(argv: list[str] | None = None) -> None:
             "sources": got[0]["sources"],
             "job_restore_s": job,
             "lost_rank_restore_s": lost_rank,
+            "busy_cores_during_load": got[0]["busy_cores"],  # whole machine, rank 0's window
+            # CPU seconds per load: rank 0, rank 1, rank 2, then the daemons on node-1, node-2
+            "cpu_s_during_load": {c: [[got[r]["cpu_s"][c][i][0] for r in sorted(got)]
+                                      + got[0]["cpu_s"][c][i][1:] for i in range(args.repeats)]
+                                  for c in ("memory", "disk")},
             "median": {c: {"job": med(job[c]), "lost_rank": med(lost_rank[c])}
                        for c in ("memory", "disk")},
         }
@@ -229,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  lost rank: memory (rebuilt) {m['lost_rank']:.2f} s vs disk "
               f"{dsk['lost_rank']:.2f} s ({dsk['lost_rank'] / m['lost_rank']:.2f}x, "
               f"{saved[0]['bytes'] / GIB / m['lost_rank']:.2f} GiB/s rebuilt)")
+        print("  CPU s per load (ranks 0-2, daemons node-1, node-2): " + "; ".join(
+            f"{c} {result['cpu_s_during_load'][c][-1]}" for c in ("memory", "disk")))
+        print("  busy cores during the loads: " + ", ".join(
+            f"{c} {med(got[0]['busy_cores'][c]):.2f}" for c in ("memory", "disk")))
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     finally:

@@ -23,7 +23,13 @@ import torch
 from ckpt.config import Config
 from ckpt.daemon_client import DaemonClient, job_id_for
 from ckpt.dist import DistContext
-from ckpt.memory_load import MemoryStep, execute_read, find_memory_steps, plan_memory_load
+from ckpt.memory_load import (
+    MemoryStep,
+    execute_read,
+    find_memory_steps,
+    held_steps,
+    plan_memory_load,
+)
 from ckptd.errors import CkptError, MissingKeysError, StateMergeError
 from ckptd.execute import apply_reads, direct_destinations
 from ckptd.formats import commit as commit_mod
@@ -185,16 +191,18 @@ def _choose_memory_step(
     found: tuple[int, int, dict[int, Any], dict[str, str]] | None = None
     if ctx.rank == 0:
         try:
-            steps = find_memory_steps(daemon.job_status(job))
-            latest = commit_mod.latest_step(storage)
-            choice = None
+            status = daemon.job_status(job)
             if step is not None:
-                choice = step if step in steps else None
-            elif steps and (latest is None or max(steps) >= latest):
-                choice = max(steps)
-            if choice is not None:
-                mem = steps[choice]
-                found = (choice, mem.world, mem.held, mem.addresses)
+                candidates = [step]
+            else:
+                latest = commit_mod.latest_step(storage)
+                candidates = [s for s in held_steps(status) if latest is None or s >= latest]
+            for c in candidates:  # newest first; usually the first is complete
+                steps = find_memory_steps(status, only=(c,))
+                if c in steps:
+                    mem = steps[c]
+                    found = (c, mem.world, mem.held, mem.addresses)
+                    break
         except CkptError as e:  # no daemon answer: storage is the fallback, said loudly
             log.warning("memory tier unavailable, loading from storage: %s", e)
     found = ctx.broadcast(found, background=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -87,9 +87,18 @@ class MemoryStep:
         return dict(self.held[0].desc.metas)
 
 
-def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
+def held_steps(status: pb.JobStatusResponse) -> list[int]:
+    """Steps of which a reachable daemon holds (or can rebuild) some rank, newest first
+    (from the status fields alone: no descriptor is parsed)."""
+    return sorted({s.step for v in status.nodes if v.reachable for s in v.local.snapshots},
+                  reverse=True)
+
+
+def find_memory_steps(status: pb.JobStatusResponse,
+                      only: Collection[int] | None = None) -> dict[int, MemoryStep]:
     """Steps whose every rank is held by a reachable daemon, directly or rebuildable from
-    its erasure group (a direct copy always wins over a rebuild)."""
+    its erasure group (a direct copy always wins over a rebuild). ``only``: look at these
+    steps alone (descriptors of other steps are not parsed: parsing is most of the cost)."""
     found: dict[int, dict[int, HeldSnapshot]] = {}
     worlds: dict[int, int] = {}
     shared = SharedParts()
@@ -99,6 +108,8 @@ def find_memory_steps(status: pb.JobStatusResponse) -> dict[int, MemoryStep]:
         if not view.reachable:
             continue
         for s in view.local.snapshots:
+            if only is not None and s.step not in only:
+                continue
             have = found.get(s.step, {}).get(s.rank)
             if have is not None and have.desc.step == s.step and s.key:
                 # Another survivor of a rank already found: only its address is new (the

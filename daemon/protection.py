@@ -63,12 +63,14 @@ __all__ = [
     "encode_parity", "parity_fetcher", "parity_job", "rebuild_info", "rebuild_range",
 ]
 
-FetchBlock = Callable[[str, int, int, np.ndarray], None]
+FetchBlock = Callable[[str, int, int, np.ndarray], "np.ndarray | None"]
 """``fetch_block(member, p, start, out)``: bytes ``[start, start + len(out))`` of
-``member``'s data block ``p`` into ``out``; raises if the member cannot deliver them."""
-FetchParity = Callable[[str, int, int, np.ndarray], None]
+``member``'s data block ``p`` into ``out``; raises if the member cannot deliver them.
+May instead return a (read-only) array of exactly those bytes, e.g. a view of a local
+shared-memory mapping: no copy; the rebuild's checksums catch a view that changes."""
+FetchParity = Callable[[str, int, int, np.ndarray], "np.ndarray | None"]
 """``fetch_parity(member, stripe, start, out)``: bytes of ``member``'s parity blob of
-``stripe`` (header, table, then the parity row) into ``out``."""
+``stripe`` (header, table, then the parity row) into ``out``, or returned (as above)."""
 
 
 class ProtectionError(CkptError, RuntimeError):
@@ -351,9 +353,16 @@ def _pull_piece(g: StripeGeometry, fetch: FetchBlock, member: str, p: int, lo: i
     """Block ``p``'s ``[lo, hi)`` of ``member`` into ``out`` (zero-extended); its CRC32C."""
     valid = g.valid_bytes(member, p, lo, hi)
     if valid:
-        fetch(member, p, lo, out[:valid])
+        got = fetch(member, p, lo, out[:valid])
+        if got is not None:
+            out[:valid] = got
     out[valid:] = 0
     return crc32c.crc32c(out)
+
+
+def _filled(got: np.ndarray | None, buf: np.ndarray) -> np.ndarray:
+    """What a fetcher delivered: the array it returned, else the buffer it filled."""
+    return buf if got is None else got
 
 
 def _check_codec(g: StripeGeometry, codec: ErasureCodec) -> None:
@@ -379,7 +388,8 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
                   report: dict[tuple[int, int], str] | None = None, *, generation: int,
                   step: int | None = None, unavailable: Sequence[str] = (),
                   headers: dict[tuple[int, int], _Parity] | None = None,
-                  pool: ThreadPoolExecutor | None = None) -> None:
+                  pool: ThreadPoolExecutor | None = None,
+                  bufs: dict[int, np.ndarray] | None = None) -> None:
     """Bytes ``[start, end)`` of ``lost_node``'s payload into ``out`` (a writable buffer).
 
     Per piece of each stripe involved: k valid shards (data blocks of other members first,
@@ -389,7 +399,9 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
     ``unavailable`` members are never asked.  ``report`` collects ``(stripe, shard) ->
     reason`` for every excluded shard.  ``headers``: a dict kept across calls to skip
     re-reading parity headers (e.g. consecutive frames of one read).  Memory: n + 1 batches
-    of ``BATCH_BYTES`` (pieces of one stripe are moved and decoded together).
+    of ``BATCH_BYTES`` (pieces of one stripe are moved and decoded together), kept in
+    ``bufs`` when given so that consecutive calls of one thread reuse them (fresh memory
+    costs a page fault per 4 KiB, several times the copy itself on these VMs).
     Raises ``RebuildError`` (a ``QuorumError``) if a stripe has fewer than k valid shards.
     """
     _check_codec(geometry, codec)
@@ -400,7 +412,8 @@ def rebuild_range(geometry: StripeGeometry, lost_node: str, start: int, end: int
     if len(dst) < end - start:
         raise ValueError(f"out holds {len(dst)} bytes, {end - start} needed")
     cache = headers if headers is not None else {}
-    bufs: dict[int, np.ndarray] = {}  # per shard index, reused across pieces and stripes
+    if bufs is None:
+        bufs = {}  # per shard index, reused across pieces and stripes
     own = pool is None
     if own:
         pool = ThreadPoolExecutor(geometry.k, thread_name_prefix="ckptd-rebuild")
@@ -479,24 +492,33 @@ class _Stripe:
     def _read_header(self, q: int) -> _Parity:
         holder = self.g.holder(self.j, self.g.k + q)
         raw = np.empty(ParityHeader.SIZE, np.uint8)
-        self.fetch_parity(holder, self.j, 0, raw)
+        raw = _filled(self.fetch_parity(holder, self.j, 0, raw), raw)
         header = ParityHeader.unpack(raw)
         header.expect(self.g, self.j, q, self.generation, self.step)  # before a big read
         tab = np.empty(header.table_bytes, np.uint8)
         if len(tab):
-            self.fetch_parity(holder, self.j, header.SIZE, tab)
+            tab = _filled(self.fetch_parity(holder, self.j, header.SIZE, tab), tab).copy()
         return _Parity(header, _table(header, tab))
 
     def rebuild_pieces(self, codec: ErasureCodec, p: int, t0: int, t1: int, out: np.ndarray,
                        skip: int) -> None:
         """Decode data block ``p``'s pieces ``[t0, t1)`` and copy their bytes from ``skip``
         to ``out``.  Each source shard's range of those pieces comes in one request (a
-        round trip per piece made rebuilds latency-bound), every piece of it checked
-        against its CRC; the decode runs over the whole range at once (byte-wise code)."""
+        round trip per piece made rebuilds latency-bound); the decode runs over the whole
+        range at once (byte-wise code).
+
+        The decoded pieces are checked against their recorded CRCs first; the sources are
+        checked piece by piece only when one does not match (to find and exclude the bad
+        shard, then decode again without it). A wrong source byte always changes the
+        decoded bytes (every coefficient of an MDS decode row is non-zero), so a match
+        proves the sources were right for these pieces, and checking them up front too
+        spent as much CPU as the decode and the network together."""
         g = self.g
         lo, hi = g.piece(t0)[0], g.piece(t1 - 1)[1]
         n = hi - lo
         have: dict[int, np.ndarray] = {}
+        whole = skip == 0 and len(out) == n
+        target = out if whole else self._buf(-1, n)
         while True:
             usable = [s for s in range(g.n) if s not in self.bad]
             if len(usable) < g.k or self.data_crc is None:
@@ -504,55 +526,76 @@ class _Stripe:
             survivors = tuple(usable[: g.k])  # data first: no parity needed when possible
             todo = [s for s in survivors if s not in have]
             assert self.pool is not None
-            futures = {s: self.pool.submit(self._fetch, s, t0, t1, lo, hi) for s in todo}
+            futures = {s: self.pool.submit(self._fetch, s, lo, hi) for s in todo}
             for s, fut in futures.items():
                 try:
                     have[s] = fut.result()
                 except Exception as exc:
-                    self.bad[s] = f"{g.holder(self.j, s)}: {exc}"
-                    if s >= g.k:
-                        self.cache.pop((self.j, s - g.k), None)
-            if all(s in have for s in survivors):
+                    self._exclude(s, f"{g.holder(self.j, s)}: {exc}")
+            if not all(s in have for s in survivors):
+                continue
+            plan = codec.decode_plan(survivors, (p,))
+            codec.backend.apply(plan, [have[s] for s in survivors], [target])
+            if not self._bad_pieces(target, lo, t0, t1, self.data_crc[:, p]):
                 break
-        whole = skip == 0 and len(out) == n
-        target = out if whole else self._buf(-1, n)
-        plan = codec.decode_plan(survivors, (p,))
-        codec.backend.apply(plan, [have[s] for s in survivors], [target])
-        assert self.data_crc is not None
-        for t in range(t0, t1):
-            a, b = (x - lo for x in g.piece(t))
-            if crc32c.crc32c(target[a:b]) != int(self.data_crc[t, p]):
+            bad = {s: t for s in survivors
+                   if (t := self._bad_pieces(have[s], lo, t0, t1, self._want(s)))}
+            if not bad:
                 raise IntegrityError(
-                    f"stripe {self.j} piece {t}: the rebuilt block {p} of {self.lost} does not "
-                    "match its recorded checksum although every source did; refusing to "
-                    "return it")
+                    f"stripe {self.j} piece {t0}..{t1 - 1}: the rebuilt block {p} of "
+                    f"{self.lost} does not match its recorded checksum although every "
+                    "source did; refusing to return it")
+            for s, t in bad.items():
+                have.pop(s)
+                self._exclude(s, f"{self._what(s)}: piece {t[0]} checksum mismatch "
+                                 "(corrupted, or changed since the step was protected)")
         if not whole:
             out[:] = target[skip : skip + len(out)]
 
-    def _fetch(self, s: int, t0: int, t1: int, lo: int, hi: int) -> np.ndarray:
-        """Shard ``s``'s pieces ``[t0, t1)`` (bytes ``[lo, hi)`` of its block), each piece
-        verified against the CRC table; ``IntegrityError`` if one does not match."""
+    def _bad_pieces(self, buf: np.ndarray, lo: int, t0: int, t1: int,
+                    want: np.ndarray) -> list[int]:
+        """Pieces of ``[t0, t1)`` whose bytes in ``buf`` (from block offset ``lo``) do not
+        match their CRC32C in ``want``."""
+        bad = []
+        for t in range(t0, t1):
+            a, b = (x - lo for x in self.g.piece(t))
+            if crc32c.crc32c(buf[a:b]) != int(want[t]):
+                bad.append(t)
+        return bad
+
+    def _want(self, s: int) -> np.ndarray:
+        """The recorded per-piece CRC32Cs of shard ``s`` (a data block or a parity row)."""
+        assert self.data_crc is not None
+        return self.data_crc[:, s] if s < self.g.k else self.parity[s - self.g.k].table[:, 0]
+
+    def _what(self, s: int) -> str:
+        holder = self.g.holder(self.j, s)
+        return f"data block {s} of {holder}" if s < self.g.k else \
+            f"parity row {s - self.g.k} of {holder}"
+
+    def _exclude(self, s: int, reason: str) -> None:
+        self.bad[s] = reason
+        if s >= self.g.k:
+            self.cache.pop((self.j, s - self.g.k), None)
+
+    def _fetch(self, s: int, lo: int, hi: int) -> np.ndarray:
+        """Shard ``s``'s bytes ``[lo, hi)`` (of its block, or of its parity row), data
+        past the end of a member's payload as zeros; a local view where the fetcher has
+        one (not checked here: see :meth:`rebuild_pieces`)."""
         g, buf = self.g, self._buf(s, hi - lo)
         holder = g.holder(self.j, s)
         if s < g.k:
             valid = g.valid_bytes(holder, s, lo, hi)
-            if valid:
-                self.fetch_block(holder, s, lo, buf[:valid])
+            got = self.fetch_block(holder, s, lo, buf[:valid]) if valid else None
+            if got is not None and valid == len(buf):
+                return got
+            if got is not None:
+                buf[:valid] = got
             buf[valid:] = 0
-            assert self.data_crc is not None
-            want = self.data_crc[:, s]
-            what = f"data block {s} of {holder}"
-        else:
-            par = self.parity[s - g.k]
-            self.fetch_parity(holder, self.j, par.header.payload_offset + lo, buf)
-            want = par.table[:, 0]
-            what = f"parity row {s - g.k} of {holder}"
-        for t in range(t0, t1):
-            a, b = (x - lo for x in g.piece(t))
-            if crc32c.crc32c(buf[a:b]) != int(want[t]):
-                raise IntegrityError(f"{what}: piece {t} checksum mismatch (corrupted, or "
-                                     "changed since the step was protected)")
-        return buf
+            return buf
+        par = self.parity[s - g.k]
+        got = self.fetch_parity(holder, self.j, par.header.payload_offset + lo, buf)
+        return buf if got is None else got
 
     def _buf(self, s: int, n: int) -> np.ndarray:
         buf = self.bufs.get(s)

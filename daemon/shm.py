@@ -525,6 +525,18 @@ class SnapshotReader:
         out[:] = memoryview(mm)[HEADER_SIZE + start : end]
         self._check(mm, path, generation)
 
+    def view(self, path: str, generation: int, start: int, nbytes: int) -> memoryview:
+        """Payload bytes ``[start, start + nbytes)`` of the snapshot ``generation`` as a
+        read-only view of the mapping, valid until :meth:`close`, with no copy. Checked
+        once, here: a caller must detect a later reuse of the buffer itself (e.g. by the
+        bytes' checksums, as the rebuild does) or use :meth:`read_into`."""
+        mm = self._map(path)
+        self._check(mm, path, generation)
+        end = HEADER_SIZE + start + nbytes
+        if start < 0 or end > len(mm):
+            raise SnapshotError(f"{path}: range beyond the segment")
+        return memoryview(mm)[HEADER_SIZE + start : end]
+
     def _map(self, path: str) -> mmap.mmap:
         mm = self._maps.get(path)
         if mm is None:
