@@ -386,3 +386,27 @@ def write_deepspeed_tp(root: Path, state: dict, *, tp: int, dp: int, step: int =
                 d / f"bf16_zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt",
             )
     return root
+
+
+# ----------------------------------------------------------------- helpers for the tests
+
+
+def read_source(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DeepSpeed checkpoint as our DeepSpeed source reads it."""
+    from ckptd.converters.sources.deepspeed import DeepSpeedSource
+
+    with DeepSpeedSource(str(path)) as s:
+        return {t.name: s.read(t.name) for t in s.tensors()}
+
+
+def assert_same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Same names, dtypes, shapes and bytes (bit-exact, NaN payloads included)."""
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+
+
+def load_pt(path: Path) -> dict:
+    """A ``.pt`` file, tensors only (``weights_only``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

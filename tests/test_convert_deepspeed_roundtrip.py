@@ -41,20 +41,6 @@ TAG = "global_step5"
 SRC_DP, DST_DP = 4, 3
 
 
-def _source(path: Path) -> dict[str, torch.Tensor]:
-    with DeepSpeedSource(str(path)) as s:
-        return {t.name: s.read(t.name) for t in s.tensors()}
-
-
-def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
-        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _source_weights(root: Path, stage: int) -> dict[str, torch.Tensor]:
@@ -63,10 +49,10 @@ def _source_weights(root: Path, stage: int) -> dict[str, torch.Tensor]:
     out of the flat partitions by hand, as DeepSpeed's ``zero_to_fp32`` does."""
     d = root / TAG
     if stage != 3:
-        return dict(_load(d / "mp_rank_00_model_states.pt")["module"])
-    ms = _load(d / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        return dict(fx.load_pt(d / "mp_rank_00_model_states.pt")["module"])
+    ms = fx.load_pt(d / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     flats = [
-        _load(d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"][
+        fx.load_pt(d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"][
             "fp32_flat_groups"
         ]
         for r in range(SRC_DP)
@@ -120,18 +106,19 @@ def test_zero_to_universal_to_zero2_other_dp_bit_exact(tmp_path: Path, stage: in
         assert (s.stage, s.dp) == (2, DST_DP)
     # Model and optimizer state, every tensor: what the source held, bit for bit (a
     # ZeRO-3 source has fp32 model weights: its masters).
-    _same(_source(out), fx.expected_universal(state, stage, 5))
+    fx.assert_same_bits(fx.read_source(out), fx.expected_universal(state, stage, 5))
 
     # The partitions are DeepSpeed's own at DP=3 (the fixture writes them).
     fx.write_deepspeed(tmp_path / "ref", state, stage=2, dp=DST_DP, step=5)
     ref, got = tmp_path / "ref" / TAG, out / TAG
-    a, b = _load(ref / "mp_rank_00_model_states.pt"), _load(got / "mp_rank_00_model_states.pt")
+    model_states = "mp_rank_00_model_states.pt"
+    a, b = fx.load_pt(ref / model_states), fx.load_pt(got / model_states)
     assert a["param_shapes"] == b["param_shapes"] and b["dp_world_size"] == DST_DP
     want_module = dict(a["module"]) if stage == 2 else _source_weights(src, 3)
-    _same(dict(b["module"]), want_module)
+    fx.assert_same_bits(dict(b["module"]), want_module)
     for r in range(DST_DP):
-        x = _load(ref / _optim_name(3, r))["optimizer_state_dict"]  # the fixture: no prefix
-        y = _load(got / _optim_name(stage, r))["optimizer_state_dict"]
+        x = fx.load_pt(ref / _optim_name(3, r))["optimizer_state_dict"]  # the fixture: no prefix
+        y = fx.load_pt(got / _optim_name(stage, r))["optimizer_state_dict"]
         assert y["zero_stage"] == 2 and y["partition_count"] == [DST_DP] * len(fx.GROUPS)
         for g in range(len(fx.GROUPS)):
             want = x["single_partition_of_fp32_groups"][g]
@@ -152,7 +139,7 @@ def test_zero_to_universal_to_zero2_other_dp_bit_exact(tmp_path: Path, stage: in
     masters = {n: s["fp32"] for n, s in state["params"].items()} | state["buffers"]
     out_masters = {
         n[len("optim.state.") : -len(".fp32")]: t
-        for n, t in _source(out).items()
+        for n, t in fx.read_source(out).items()
         if n.endswith(".fp32")
     }
     assert torch.equal(fx.forward(masters), fx.forward(out_masters | state["buffers"]))
@@ -165,8 +152,8 @@ def test_zero_to_fp32_reads_the_chain_output(tmp_path: Path, stage: int) -> None
     before = z2f.get_fp32_state_dict_from_zero_checkpoint(str(src))
     after = z2f.get_fp32_state_dict_from_zero_checkpoint(str(out))
     want = {n: s["fp32"] for n, s in state["params"].items()} | state["buffers"]
-    _same(dict(before), want)
-    _same(dict(after), want)
+    fx.assert_same_bits(dict(before), want)
+    fx.assert_same_bits(dict(after), want)
     assert torch.equal(fx.forward(dict(before)), fx.forward(dict(after)))
 
 
@@ -263,8 +250,8 @@ def test_deepspeed_engine_loads_the_chain_output(tmp_path: Path) -> None:
         assert r["global_steps"] == 5
         # The engine's params are bf16 (the converted fp32 weights rounded once), its
         # buffers keep their dtype.
-        _same(r["module"], bf16 | state["buffers"])
-    module = _load(out / TAG / "mp_rank_00_model_states.pt")["module"]
+        fx.assert_same_bits(r["module"], bf16 | state["buffers"])
+    module = fx.load_pt(out / TAG / "mp_rank_00_model_states.pt")["module"]
     rounded = {k: v.to(torch.bfloat16) if k in bf16 else v for k, v in module.items()}
     assert torch.equal(fx.forward(ranks[0]["module"]), fx.forward(rounded))
 

@@ -18,7 +18,6 @@ import torch
 
 from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.base import PlanError, TargetExistsError
-from ckptd.converters.sources.deepspeed import DeepSpeedSource
 from ckptd.converters.targets import deepspeed as ds_target
 from ckptd.formats.storage import LocalStorage
 from ckptd.formats.universal_io import UniversalReader
@@ -35,20 +34,6 @@ def _universal(root: Path, step: int = 5) -> dict[str, torch.Tensor]:
     return {n: r.read(n) for n in r.names()}
 
 
-def _source(path: Path) -> dict[str, torch.Tensor]:
-    with DeepSpeedSource(str(path)) as s:
-        return {t.name: s.read(t.name) for t in s.tensors()}
-
-
-def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
-        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture
@@ -71,7 +56,7 @@ def test_universal_to_dp3_and_back_is_bit_exact(tmp_path: Path, ds2: tuple[Path,
     assert (tmp_path / "ds3" / "latest").read_text() == TAG
     assert not (tmp_path / "ds3" / ".ckpt-convert-progress.json").exists()
     convert(str(tmp_path / "ds3"), str(tmp_path / "u2"), ConvertOptions())
-    _same(_universal(tmp_path / "u2"), _universal(tmp_path / "u1"))
+    fx.assert_same_bits(_universal(tmp_path / "u2"), _universal(tmp_path / "u1"))
 
 
 def test_dp2_to_dp4_matches_deepspeed_partitioning(tmp_path: Path, ds2: tuple[Path, dict]) -> None:
@@ -79,15 +64,16 @@ def test_dp2_to_dp4_matches_deepspeed_partitioning(tmp_path: Path, ds2: tuple[Pa
     convert(str(src), str(tmp_path / "ds4"), _opts(dp=4, groups=2))
     fx.write_deepspeed(tmp_path / "ref4", state, stage=2, dp=4, step=5)
     ref, got = tmp_path / "ref4" / TAG, tmp_path / "ds4" / TAG
-    a, b = _load(ref / "mp_rank_00_model_states.pt"), _load(got / "mp_rank_00_model_states.pt")
+    model_states = "mp_rank_00_model_states.pt"
+    a, b = fx.load_pt(ref / model_states), fx.load_pt(got / model_states)
     assert a["param_shapes"] == b["param_shapes"] and b["dp_world_size"] == 4
     assert b["ds_config"]["bf16"] == {"enabled": True}
     assert list(a["module"]) == list(b["module"]) and b["buffer_names"] == a["buffer_names"]
-    _same(dict(b["module"]), dict(a["module"]))
+    fx.assert_same_bits(dict(b["module"]), dict(a["module"]))
     for r in range(4):
         name = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-        x = _load(ref / name)["optimizer_state_dict"]
-        y = _load(got / f"bf16_{name}")["optimizer_state_dict"]  # bf16 weights: a bf16 run
+        x = fx.load_pt(ref / name)["optimizer_state_dict"]
+        y = fx.load_pt(got / f"bf16_{name}")["optimizer_state_dict"]  # bf16 weights: a bf16 run
         assert y["zero_stage"] == 2 and y["partition_count"] == [4, 4]
         assert y["base_optimizer_state_step"] == 5
         for g in range(2):
@@ -100,7 +86,7 @@ def test_dp2_to_dp4_matches_deepspeed_partitioning(tmp_path: Path, ds2: tuple[Pa
                 mine, ref_k = y["base_optimizer_state"][g][k], x["base_optimizer_state"][g][k]
                 assert torch.equal(mine, ref_k[: have.numel()])
             assert float(y["base_optimizer_state"][g]["step"]) == 5.0
-    _same(_source(tmp_path / "ds4"), fx.expected_universal(state, 2, 5))
+    fx.assert_same_bits(fx.read_source(tmp_path / "ds4"), fx.expected_universal(state, 2, 5))
 
 
 def test_zero_to_fp32_reads_the_output(tmp_path: Path, ds2: tuple[Path, dict]) -> None:
@@ -109,7 +95,7 @@ def test_zero_to_fp32_reads_the_output(tmp_path: Path, ds2: tuple[Path, dict]) -
     convert(str(src), str(tmp_path / "ds3"), _opts(dp=3))
     sd = z2f.get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ds3"))
     want = {n: s["fp32"] for n, s in state["params"].items()} | state["buffers"]
-    _same(dict(sd), want)
+    fx.assert_same_bits(dict(sd), want)
 
 
 def test_weights_only_writes_model_states_only(tmp_path: Path, ds2: tuple[Path, dict]) -> None:
@@ -118,7 +104,7 @@ def test_weights_only_writes_model_states_only(tmp_path: Path, ds2: tuple[Path, 
     convert(str(src), str(tmp_path / "w"), opts)
     assert os.listdir(tmp_path / "w" / TAG) == ["mp_rank_00_model_states.pt"]
     want = {k: v for k, v in fx.expected_universal(state, 2, 5).items() if k.startswith("model.")}
-    _same(_source(tmp_path / "w"), want)
+    fx.assert_same_bits(fx.read_source(tmp_path / "w"), want)
 
 
 def test_interrupted_conversion_resumes(
@@ -139,7 +125,7 @@ def test_interrupted_conversion_resumes(
     assert not (tmp_path / "d" / TAG / "mp_rank_00_model_states.pt").exists()
     r = convert(str(src), str(tmp_path / "d"), _opts(dp=3))
     assert len(r.resumed) >= 11
-    _same(_source(tmp_path / "d"), fx.expected_universal(state, 2, 5))
+    fx.assert_same_bits(fx.read_source(tmp_path / "d"), fx.expected_universal(state, 2, 5))
     with pytest.raises(TargetExistsError):
         convert(str(src), str(tmp_path / "d"), _opts(dp=3))
     # A different layout over an interrupted one is "another conversion".
@@ -162,9 +148,9 @@ def test_param_groups_file_and_bad_layouts(tmp_path: Path, ds2: tuple[Path, dict
     spec.write_text(json.dumps({"param_groups": groups}))
     opts = ConvertOptions(target_format="deepspeed", target_layout=(("dp", 2),), spec=str(spec))
     convert(str(src), str(tmp_path / "g"), opts)
-    ms = _load(tmp_path / "g" / TAG / "mp_rank_00_model_states.pt")
+    ms = fx.load_pt(tmp_path / "g" / TAG / "mp_rank_00_model_states.pt")
     assert [list(g) for g in ms["param_shapes"]] == groups
-    _same(_source(tmp_path / "g"), fx.expected_universal(state, 2, 5))
+    fx.assert_same_bits(fx.read_source(tmp_path / "g"), fx.expected_universal(state, 2, 5))
     spec.write_text(json.dumps({"param_groups": [["fc2.weight"]]}))
     with pytest.raises(PlanError, match="missing"):
         convert(str(src), str(tmp_path / "g2"), opts)

@@ -17,6 +17,7 @@ commit marker last, and leaves an interrupted output resumable where the format 
 from __future__ import annotations
 
 import enum
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -38,7 +39,9 @@ class Fetch(Protocol):
 
     def range(self, name: str, start: int, out: memoryview) -> None:
         """Bytes ``[start, start + out.nbytes)`` of ``name``'s raw data (its dtype,
-        row-major, little-endian) into ``out``; ask for one tensor's ranges in order."""
+        row-major, little-endian) into ``out``; ask for one tensor's ranges in order,
+        before the next tensor's (one short sample range may come first: it does not
+        reach the tensor's end, where a source that read the tensor whole drops it)."""
         ...
 
     def prefetch(self, name: str, start: int, nbytes: int) -> None:
@@ -176,3 +179,15 @@ def atomic_write(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def load_progress(d: str, key: str) -> dict[str, Any] | None:
+    """The progress record of an interrupted conversion into directory ``d`` (the JSON
+    object in ``PROGRESS_NAME`` whose ``key`` maps output names to what was made
+    durable), or None if there is none or it is unreadable (then nothing is resumed)."""
+    try:
+        with open(os.path.join(d, PROGRESS_NAME)) as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) and isinstance(doc.get(key), dict) else None
+    except (OSError, ValueError):
+        return None

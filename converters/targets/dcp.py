@@ -51,6 +51,7 @@ from ckptd.converters.targets.base import (
     WriteOutcome,
     atomic_write,
     fsync_dir,
+    load_progress,
     local_path,
     remove_outputs,
 )
@@ -129,7 +130,7 @@ class DCPTarget(Target):
         import torch.distributed.checkpoint as dcp
 
         d = self._dir()
-        progress = _load_progress(d)
+        progress = load_progress(d, "files")
         if progress is None or progress.get("fingerprint") != fingerprint:
             self.clear()  # another plan's leftovers: start from scratch
             progress = {"version": 1, "fingerprint": fingerprint, "files": {}}
@@ -163,14 +164,6 @@ class DCPTarget(Target):
         os.unlink(os.path.join(d, PROGRESS_NAME))
         return WriteOutcome(writer.progress.bytes_written, tuple(writer.progress.resumed))
 
-
-def _load_progress(d: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(d, PROGRESS_NAME)) as f:
-            doc = json.load(f)
-        return doc if isinstance(doc, dict) and isinstance(doc.get("files"), dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _file_crc(path: str) -> tuple[int, int] | None:

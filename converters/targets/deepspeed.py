@@ -63,6 +63,7 @@ from ckptd.converters.targets.base import (
     WriteOutcome,
     atomic_write,
     fsync_dir,
+    load_progress,
     local_path,
     remove_outputs,
 )
@@ -290,7 +291,7 @@ class DeepSpeedTarget(Target):
             return Existing.OTHER
         if os.path.isfile(os.path.join(d, COMPLETE_MARKER)):
             return Existing.COMPLETE
-        progress = _load_progress(d)
+        progress = load_progress(d, "done")
         if progress is not None:
             same = progress.get("fingerprint") == fingerprint
             return Existing.RESUMABLE if same else Existing.OTHER
@@ -322,7 +323,7 @@ class DeepSpeedTarget(Target):
         step_values: list[float | None] = []
         for name in plan.steps:  # tiny; needed in the pickles up front
             step_values.append(None if name is None else float(fetch(name)))
-        progress = _load_progress(d)
+        progress = load_progress(d, "done")
         fresh = progress is None or progress.get("fingerprint") != fingerprint
         files = self._files(plan)
         partial = {f: os.path.join(d, f + ".partial") for f in files}
@@ -599,11 +600,3 @@ def _load_groups(path: str) -> list[list[str]]:
             f'{{"param_groups": [["fqn", ...], ...]}}: {e}'
         ) from None
 
-
-def _load_progress(d: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(d, PROGRESS_NAME)) as f:
-            doc = json.load(f)
-        return doc if isinstance(doc, dict) and isinstance(doc.get("done"), dict) else None
-    except (OSError, ValueError):
-        return None

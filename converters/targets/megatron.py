@@ -76,6 +76,7 @@ from ckptd.converters.targets.base import (
     WriteOutcome,
     atomic_write,
     fsync_dir,
+    load_progress,
     local_path,
     remove_outputs,
 )
@@ -301,7 +302,7 @@ class MegatronTarget(Target):
             return Existing.OTHER
         if os.path.isfile(os.path.join(d, COMPLETE_MARKER)):
             return Existing.COMPLETE
-        progress = _load_progress(d)
+        progress = load_progress(d, "done")
         if progress is not None:
             same = progress.get("fingerprint") == fingerprint
             return Existing.RESUMABLE if same else Existing.OTHER
@@ -334,7 +335,7 @@ class MegatronTarget(Target):
         meg = meg if isinstance(meg, dict) else {}
         d = self._dir()
         os.makedirs(os.path.join(d, self._iter()), exist_ok=True)
-        progress = _load_progress(d)
+        progress = load_progress(d, "done")
         if progress is None or progress.get("fingerprint") != fingerprint:
             progress = {"version": 1, "fingerprint": fingerprint, "done": {}}
             atomic_write(os.path.join(d, PROGRESS_NAME), json.dumps(progress).encode())
@@ -499,11 +500,3 @@ def _verified(d: str, output: str, done: Mapping[str, Any]) -> bool:
         return False
     return crc == want
 
-
-def _load_progress(d: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(d, PROGRESS_NAME)) as f:
-            doc = json.load(f)
-        return doc if isinstance(doc, dict) and isinstance(doc.get("done"), dict) else None
-    except (OSError, ValueError):
-        return None
