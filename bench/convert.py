@@ -14,8 +14,10 @@ each in a fresh process, ``--repeats`` times:
 - ``zero_to_fp32`` (DeepSpeed's ``deepspeed.utils.zero_to_fp32``, safetensors output),
   if ``deepspeed`` imports;
 - ``ds_to_universal`` (DeepSpeed's ``deepspeed.checkpoint.ds_to_universal``: its universal
-  checkpoint, one ``.pt`` per parameter and state), with 1 and ``--ds-workers`` extract/
-  merge worker processes, if ``deepspeed`` imports (the checkpoint then carries
+  checkpoint, one ``.pt`` per parameter and state), with 1 extract/merge worker process
+  and with its own defaults (no worker flags; the row's name gives the defaults read
+  from its argparse, 4 extract and 2 merge workers in 0.19.8), plus ``--ds-workers N``
+  if given, if ``deepspeed`` imports (the checkpoint then carries
   ``param_slice_mappings``, which it needs);
 - ``naive``: what users write: ``torch.load`` of every file, ``torch.cat`` of the flat
   partitions, the per-parameter tensors cut out, one ``torch.save`` of everything.
@@ -29,6 +31,7 @@ process tree sampled every 50 ms (``ds_to_universal``'s workers). All data lives
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -261,8 +264,29 @@ print(json.dumps({"wall": wall, "tree_rss": tree,
 """
 
 
+def ds_to_universal_defaults() -> dict[str, object]:
+    """The argparse defaults of the installed ``ds_to_universal`` (``--num_*_workers``),
+    read from its source: the module parses ``sys.argv`` in a function, so this reads
+    the ``add_argument`` calls rather than running them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("deepspeed.checkpoint.ds_to_universal")
+    if spec is None or spec.origin is None:
+        return {}
+    tree = ast.parse(Path(spec.origin).read_text())
+    out: dict[str, object] = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
+            continue
+        flags = [a.value for a in node.args if isinstance(a, ast.Constant)]
+        for kw in node.keywords:
+            if kw.arg == "default" and isinstance(kw.value, ast.Constant) and flags:
+                out[str(flags[0]).lstrip("-")] = kw.value.value
+    return out
+
+
 def cases(
-    src: Path, out: Path, has_ds: bool, names: list[str], ds_workers: int = 2
+    src: Path, out: Path, has_ds: bool, names: list[str], ds_workers: int = 0
 ) -> dict[str, list[str]]:
     py = sys.executable
     cli = [py, "-m", "ckptd.converters.cli"]
@@ -303,21 +327,30 @@ def cases(
         ]
         # DeepSpeed's universal checkpoint: fragments extracted by worker processes into
         # temp files, then merged per parameter (its own --num_*_workers; one process
-        # with 1, where ru_maxrss is exact)
-        for w in sorted({1, ds_workers}):
+        # with 1, where ru_maxrss is exact). Also at its defaults, what a user who runs
+        # it as documented gets: the peer's own setting, not one picked for us.
+        dsu = [
+            py,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(src / f"global_step{STEP}"),
+            "--output_folder",
+            str(out),
+        ]
+        for w in sorted({1, ds_workers} - {0}):
             all_cases[f"deepspeed ds_to_universal (workers {w})"] = [
-                py,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder",
-                str(src / f"global_step{STEP}"),
-                "--output_folder",
-                str(out),
+                *dsu,
                 "--num_extract_workers",
                 str(w),
                 "--num_merge_workers",
                 str(w),
             ]
+        d = ds_to_universal_defaults()
+        label = (
+            f"extract {d.get('num_extract_workers', '?')}, merge {d.get('num_merge_workers', '?')}"
+        )
+        all_cases[f"deepspeed ds_to_universal (defaults: {label})"] = dsu
     return {k: v for k, v in all_cases.items() if not names or any(k.startswith(n) for n in names)}
 
 
@@ -328,7 +361,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default="", help="comma list of case-name prefixes")
     ap.add_argument(
-        "--ds-workers", type=int, default=2, help="ds_to_universal's extract/merge workers"
+        "--ds-workers",
+        type=int,
+        default=0,
+        help="also run ds_to_universal with N extract/merge workers (0: only 1 and defaults)",
     )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="JSON results file")

@@ -57,12 +57,23 @@ class CodecPolicy:
         return "zstd" if raw and compressed * self.min_ratio <= raw else "raw"
 
 
-def sample_sizes(data: memoryview, level: int = 1, nbytes: int = 64 * 1024) -> tuple[int, int]:
+SAMPLE_SIZES_BYTES = 64 * 1024
+
+
+def sample_window(total: int, nbytes: int = SAMPLE_SIZES_BYTES) -> tuple[int, int]:
+    """``(start, length)`` of the bytes :func:`sample_sizes` samples from ``total`` bytes
+    (the middle), so that a streaming writer can read just those bytes first."""
+    n = min(nbytes, total)
+    return (total - n) // 2, n
+
+
+def sample_sizes(
+    data: memoryview, level: int = 1, nbytes: int = SAMPLE_SIZES_BYTES
+) -> tuple[int, int]:
     """(compressed, raw) sizes of a sample from the middle of ``data``."""
-    n = min(nbytes, data.nbytes)
+    mid, n = sample_window(data.nbytes, nbytes)
     if n == 0:
         return 0, 0
-    mid = (data.nbytes - n) // 2
     return len(_compressor(level).compress(data[mid : mid + n])), n
 
 

@@ -11,6 +11,7 @@ Writer call order (one process, one writer per step)::
     for name, tensor in stream:
         if not w.is_done(name):                    # skipped after a resume
             w.add(name, tensor)                    # blocks until durable (see add)
+        # or w.add_ranges(name, dtype, shape, read)  # streamed chunk by chunk
     w.set_state({...})                             # optional, any time before commit
     w.commit()                                     # manifest, COMMITTED, latest
 
@@ -33,6 +34,10 @@ Memory: :meth:`UniversalWriter.add` returns once the tensor's chunks are queued 
 drop the tensor when ``add`` returns; queued chunks keep it alive until they are
 written, and small packed tensors until their pack (at most ~64 MiB) is put. Peak:
 the tensor being fetched + the in-flight budget (+ the tensor its chunks belong to).
+:meth:`UniversalWriter.add_ranges` never holds a tensor whole: it reads each chunk's
+bytes into a reused staging buffer and queues it, so its peak is the in-flight budget
+plus the chunk being read (a whole tensor only where its chunks are not contiguous
+byte ranges, which the chunk shapes chosen for whole tensors always are).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from ckptd.chunking import ChunkGrid, choose_chunk_shape
 from ckptd.dtypes import dtype_name, itemsize_of, torch_dtype
 from ckptd.errors import CkptError, CommitConflictError, IntegrityError, InvalidKeyError
 from ckptd.formats import commit as commit_mod
-from ckptd.formats.chunkcodec import CodecPolicy, crc32c, sample_sizes
+from ckptd.formats.chunkcodec import CodecPolicy, crc32c, sample_sizes, sample_window
 from ckptd.formats.keys import validate_key
 from ckptd.formats.manifest import (
     GROUP_META_KEY,
@@ -60,7 +65,7 @@ from ckptd.formats.manifest import (
 )
 from ckptd.formats.reader import CheckpointReader
 from ckptd.formats.storage import ObjectNotFoundError, Storage
-from ckptd.formats.writer import CheckpointWriter, WriterOptions, is_packed
+from ckptd.formats.writer import CheckpointWriter, StagingPool, WriterOptions, is_packed
 from ckptd.fragments import Box, TensorMeta
 from ckptd.planner import PlanOptions
 from ckptd.statedict import validate_state_key
@@ -132,6 +137,34 @@ def tensor_record(
     return TensorRecord(name, dtype, shape, cshape, codec, policy.level, packed, ())
 
 
+def chunk_ranges(
+    shape: tuple[int, ...], chunk_shape: tuple[int, ...], itemsize: int
+) -> Callable[[tuple[int, ...]], tuple[int, int]] | None:
+    """``index -> (start, nbytes)`` of each chunk's bytes in the tensor's row-major bytes,
+    or None where a chunk is not one contiguous range.
+
+    A chunk is contiguous when its shape is 1 on the dims before some dim ``d`` and
+    covers the whole tensor on the dims after it: what :func:`choose_chunk_shape` gives
+    for a whole tensor (it cuts leading dims only). An edge chunk is then clipped on
+    ``d`` only, so its zarr padding (zeros to the full chunk shape) follows its bytes.
+    """
+    nd = len(shape)
+    d = next((i for i, c in enumerate(chunk_shape) if c != 1), nd)
+    if any(chunk_shape[j] < shape[j] for j in range(d + 1, nd)):
+        return None
+    strides = [itemsize] * nd
+    for j in range(nd - 2, -1, -1):
+        strides[j] = strides[j + 1] * shape[j + 1]
+    grid = ChunkGrid(shape, chunk_shape)
+
+    def where(index: tuple[int, ...]) -> tuple[int, int]:
+        box = grid.chunk_box(index)
+        start = sum(o * st for o, st in zip(box.offsets, strides))
+        return start, math.prod(box.lengths) * itemsize
+
+    return where
+
+
 def _bytes_view(t: torch.Tensor) -> memoryview:
     flat = t.detach().reshape(-1)
     if flat.numel() == 0:
@@ -193,6 +226,10 @@ class UniversalWriter:
         self._window: CheckpointWriter | None = None
         self._window_records: dict[str, TensorRecord] = {}  # added, not yet durable
         self._window_bytes = 0
+        # add_ranges' chunk buffers: the in-flight chunks and the one being read
+        self._staging = StagingPool(
+            self.writer_options.max_inflight_bytes + self.plan_options.target_chunk_bytes
+        )
         self._unsaved = False  # _done has durable tensors the sidecar does not list
         self.sync_bytes = SYNC_BYTES
         self.on_durable: Callable[[str], None] | None = None
@@ -276,20 +313,94 @@ class UniversalWriter:
             t = t.cpu()
         t = t.contiguous()
         rec = tensor_record(name, t, self.policy, self.writer_options, self.plan_options)
+        window = self._open_window(rec)
+        if t.numel():
+            if rec.packed:
+                window.submit(rec, tuple(0 for _ in rec.shape), t)
+            else:
+                window.write_array_metadata(rec)
+                grid = ChunkGrid(rec.shape, rec.chunk_shape)
+                for idx in grid.indices():
+                    window.submit(rec, idx, t[grid.chunk_box(idx).slices()])
+        self._added(t.numel() * t.element_size())
+
+    def add_ranges(
+        self,
+        name: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        read: Callable[[int, memoryview], None],
+        prefetch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Queue one tensor given by its raw bytes: ``read(start, out)`` fills ``out``
+        with bytes ``[start, start + out.nbytes)`` of it (``dtype``, row-major,
+        little-endian); ``prefetch(start, nbytes)`` hints at the next read.
+
+        Writes what :meth:`add` writes for the same tensor, chunk by chunk through reused
+        staging buffers (module docstring, "Memory"). Reads: the codec sample (codec
+        ``auto``), then every chunk in order; a small (packed) tensor, or one whose
+        chunks are not contiguous byte ranges, is read whole once and passed to :meth:`add`.
+        """
+        shape = tuple(int(s) for s in shape)
+        size = itemsize_of(dtype)
+        nbytes = math.prod(shape) * size
+        cshape, _ = choose_chunk_shape(
+            shape,
+            size,
+            [Box.whole(shape)],
+            self.plan_options.target_chunk_bytes,
+            self.plan_options.min_aligned_chunk_bytes,
+        )
+        ranges = chunk_ranges(shape, cshape, size)
+        if nbytes == 0 or ranges is None or is_packed(shape, dtype, self.writer_options):
+            t = torch.empty(shape, dtype=torch_dtype(dtype))
+            if nbytes:
+                read(0, _bytes_view(t))
+            self.add(name, t)
+            return
+        validate_state_key(name)
+        validate_key(name)
+        if self.is_done(name):
+            raise InvalidKeyError(f"tensor {name!r} was already written to step {self.step}")
+        codec = self.policy.codec
+        if codec == "auto":  # the same sample tensor_record takes from a whole tensor
+            start, n = sample_window(nbytes)
+            sample = memoryview(bytearray(n))
+            read(start, sample)
+            codec = self.policy.choose(*sample_sizes(sample, self.policy.level))
+        pol = self.policy
+        rec = TensorRecord(name, dtype, shape, cshape, codec, pol.level, False, ())
+        window = self._open_window(rec)
+        window.write_array_metadata(rec)
+        padded = math.prod(cshape) * size
+        indices = list(ChunkGrid(shape, cshape).indices())
+        for k, idx in enumerate(indices):
+            start, n = ranges(idx)
+            buf = self._staging.acquire(padded)
+            try:
+                read(start, buf.view[:n])
+                if n < padded:  # a clipped edge chunk: zarr pads it with zeros
+                    buf.view[n:] = bytes(padded - n)
+            except BaseException:
+                self._staging.release(buf)
+                raise
+            if prefetch is not None and k + 1 < len(indices):
+                prefetch(*ranges(indices[k + 1]))  # read ahead while this one is written
+            window.submit_bytes(rec, idx, buf.view, lambda b=buf: self._staging.release(b))
+        self._added(nbytes)
+
+    def _open_window(self, rec: TensorRecord) -> CheckpointWriter:
+        """The current sync window's chunk writer (started if needed), with ``rec`` in it."""
         if self._window is None:
             self._window = CheckpointWriter(
                 self.storage, self.step, self._next_pack_writer, self.policy, self.writer_options
             )
-        self._window_records[name] = rec
-        if t.numel():
-            if rec.packed:
-                self._window.submit(rec, tuple(0 for _ in rec.shape), t)
-            else:
-                self._window.write_array_metadata(rec)
-                grid = ChunkGrid(rec.shape, rec.chunk_shape)
-                for idx in grid.indices():
-                    self._window.submit(rec, idx, t[grid.chunk_box(idx).slices()])
-        self._window_bytes += t.numel() * t.element_size()
+        self._window_records[rec.name] = rec
+        return self._window
+
+    def _added(self, nbytes: int) -> None:
+        """Count a queued tensor into the sync window; sync when the window is full."""
+        self._window_bytes += nbytes
         if self._window_bytes >= self.sync_bytes:
             self.sync()
 
@@ -344,6 +455,7 @@ class UniversalWriter:
         )
         self.bytes_written += commit_manifest(self.storage, manifest)
         self.storage.delete(f"{self._prefix}/{PROGRESS_NAME}")
+        self._staging.clear()
         return self.bytes_written
 
     def abort(self) -> None:
@@ -351,6 +463,7 @@ class UniversalWriter:
         if self._window is not None:
             self._window.abort()
             self._window, self._window_records, self._window_bytes = None, {}, 0
+        self._staging.clear()
         if self._unsaved:
             self._save_progress()
 

@@ -17,7 +17,9 @@ file creations (measured: ~0.05 s of an idle disk per 2 GiB save).
 from __future__ import annotations
 
 import math
+import mmap
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,6 +64,74 @@ def chunk_bytes(chunk: torch.Tensor, chunk_shape: tuple[int, ...]) -> memoryview
         chunk = full
     flat = chunk.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class StagingBuffer:
+    """One reusable staging buffer of a :class:`StagingPool`: ``view`` is the part in use."""
+
+    __slots__ = ("capacity", "mem", "view")
+
+    def __init__(self, capacity: int) -> None:
+        # Anonymous mmap, not malloc: freed memory goes back to the kernel at once, and
+        # glibc's heap does not keep (and fragment) tens of MiB after the last chunk.
+        self.mem = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.capacity = capacity
+        self.view = memoryview(self.mem)[:0]
+
+
+class StagingPool:
+    """Chunk staging buffers, reused across chunks and tensors (thread-safe).
+
+    The caller ``acquire``s a buffer, fills it, hands it to a writer, and the writer
+    thread ``release``s it once the chunk is written. Buffers are reused rather than
+    allocated per chunk: each fresh allocation faults its pages in again. Free buffers
+    are dropped (unmapped) whenever keeping them would take the pool's memory, buffers
+    in use included, past ``limit_bytes``: pass the writer's in-flight bound plus one
+    chunk, so that the pool holds what the writer may have in flight and no more,
+    whatever mix of chunk sizes went through it.
+    """
+
+    def __init__(self, limit_bytes: int, round_to: int = 2 << 20) -> None:
+        self._limit = limit_bytes
+        self._round = round_to
+        self._free: list[StagingBuffer] = []
+        self._owned = 0  # capacity of every buffer made and not dropped (free or in use)
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> StagingBuffer:
+        """A buffer whose ``view`` has exactly ``nbytes`` bytes (contents undefined)."""
+        capacity = max(self._round, -(-nbytes // self._round) * self._round)
+        with self._lock:
+            # Only a buffer of about the right size is reused: lending a 32 MiB buffer
+            # to a 4 MiB chunk would let the pool's memory grow far past the bytes
+            # the writer counts in flight.
+            fits = [b for b in self._free if capacity <= b.capacity <= capacity + capacity // 4]
+            if fits:
+                buf: StagingBuffer | None = min(fits, key=lambda b: b.capacity)
+                self._free.remove(buf)  # type: ignore[arg-type]
+            else:
+                buf = None
+                # smallest first: they are the least likely to fit a later chunk
+                self._free.sort(key=lambda b: b.capacity)
+                while self._free and self._owned + capacity > self._limit:
+                    self._owned -= self._free.pop(0).capacity
+                self._owned += capacity
+        if buf is None:
+            buf = StagingBuffer(capacity)
+        buf.view = memoryview(buf.mem)[:nbytes]
+        return buf
+
+    def release(self, buf: StagingBuffer) -> None:
+        """Give ``buf`` back (its view must no longer be used)."""
+        buf.view = memoryview(buf.mem)[:0]
+        with self._lock:
+            self._free.append(buf)
+
+    def clear(self) -> None:
+        """Drop the free buffers (their memory is unmapped with the last reference)."""
+        with self._lock:
+            self._owned -= sum(b.capacity for b in self._free)
+            self._free.clear()
 
 
 class CheckpointWriter:
@@ -118,11 +188,44 @@ class CheckpointWriter:
             self._inflight += nbytes
         self._futures.append(self._pool.submit(self._write, rec, index, chunk, nbytes))
 
+    def submit_bytes(
+        self,
+        rec: TensorRecord,
+        index: tuple[int, ...],
+        data: memoryview,
+        release: Callable[[], None],
+    ) -> None:
+        """Queue one chunk of an unpacked tensor given as its stored raw bytes (C order,
+        padded to the full chunk shape); ``release()`` is called on a writer thread once
+        ``data`` is no longer needed (after the put, or after an error). Waits while more
+        than ``max_inflight_bytes`` are queued, as :meth:`submit` does."""
+        if rec.packed:
+            raise ValueError(f"{rec.name!r} is packed: submit its tensor with submit()")
+        nbytes = data.nbytes
+        with self._budget:
+            while self._inflight and self._inflight + nbytes > self._options.max_inflight_bytes:
+                self._budget.wait()
+            self._inflight += nbytes
+        try:
+            fut = self._pool.submit(self._write, rec, index, data, nbytes, release)
+        except BaseException:
+            with self._budget:
+                self._inflight -= nbytes
+                self._budget.notify_all()
+            release()
+            raise
+        self._futures.append(fut)
+
     def _write(
-        self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor, nbytes: int
+        self,
+        rec: TensorRecord,
+        index: tuple[int, ...],
+        chunk: torch.Tensor | memoryview,
+        nbytes: int,
+        release: Callable[[], None] | None = None,
     ) -> tuple[str, ChunkRecord] | None:
         try:
-            raw = chunk_bytes(chunk, rec.chunk_shape)
+            raw = chunk if isinstance(chunk, memoryview) else chunk_bytes(chunk, rec.chunk_shape)
             data = encode(raw, rec.codec, self._policy)
             crc = crc32c(data)
             length = len(data)
@@ -135,6 +238,8 @@ class CheckpointWriter:
                 self.bytes_written += length
             return rec.name, ChunkRecord(index, key, 0, length, crc)
         finally:
+            if release is not None:  # the chunk's bytes are on disk (or failed): reuse
+                release()
             with self._budget:
                 self._inflight -= nbytes
                 self._budget.notify_all()

@@ -3,7 +3,9 @@
 Resumable per tensor (the writer's sidecar, CRC32C-verified on resume); the step's
 commit marker is the completion marker; ``latest`` moves if the step is the newest.
 Tensors are reported done (``on_done``) when the writer makes them durable: once per
-256 MiB sync window (one ``syncfs``), not per tensor.
+256 MiB sync window (one ``syncfs``), not per tensor. Tensors are streamed from the
+source chunk by chunk (``Fetch.range``) into reused staging buffers, so memory is the
+writer's in-flight chunks (64 MiB) and the chunk being read, whatever the tensor sizes.
 """
 
 from __future__ import annotations
@@ -103,9 +105,15 @@ class UniversalTarget(Target):
                     if writer.is_done(t.name):
                         on_done(t.name, t.nbytes, True)
                         continue
-                    tensor = fetch(t.name)  # overlaps the writes of the previous tensors
-                    writer.add(t.name, tensor)
-                    del tensor
+                    # Chunk by chunk into reused buffers, never the whole tensor: memory
+                    # is the writer's in-flight chunks (formats/universal_io.py, "Memory").
+                    writer.add_ranges(
+                        t.name,
+                        t.dtype,
+                        t.shape,
+                        lambda start, out, n=t.name: fetch.range(n, start, out),
+                        lambda start, size, n=t.name: fetch.prefetch(n, start, size),
+                    )
                 layout_doc = {"world_size": 1, "coords": ["rank=0"], "digest": ""}
                 writer.set_state(
                     state.state,
