@@ -30,6 +30,7 @@ by hand as Megatron lays them out).
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -410,3 +411,15 @@ def assert_same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 def load_pt(path: Path) -> dict:
     """A ``.pt`` file, tensors only (``weights_only``)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def launcher_env(rank: int, world: int, port: str) -> dict[str, str]:
+    """The environment a torchrun-style launcher gives rank ``rank`` (on 127.0.0.1)."""
+    return os.environ | {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }

@@ -10,13 +10,13 @@ so this process never unpickles anything but tensors. Skipped without ``deepspee
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import deepspeed_fixture as fx
 import pytest
 import torch
 
@@ -81,14 +81,7 @@ def real_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env = os.environ | {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
+        env = fx.launcher_env(rank, 2, port)
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(script), str(root)],

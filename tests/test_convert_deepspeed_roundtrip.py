@@ -214,14 +214,7 @@ def test_deepspeed_engine_loads_the_chain_output(tmp_path: Path) -> None:
     port, dump, tests = str(_free_port()), tmp_path / "loaded", str(Path(__file__).parent)
     procs = []
     for rank in range(2):
-        env = os.environ | {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
+        env = fx.launcher_env(rank, 2, port)
         cmd = [sys.executable, str(script), str(out), str(dump), tests]
         procs.append(
             subprocess.Popen(
