@@ -26,7 +26,8 @@ from ckptd.converters.convert import ConvertOptions, convert, parse_size, plan_c
 from ckptd.converters.sources.base import SourceFormatError, SourceNotFoundError, TargetExistsError
 from ckptd.converters.sources.namemap import parse_name_map
 from ckptd.formats.storage import LocalStorage
-from ckptd.formats.universal_io import UniversalReader, UniversalWriter
+from ckptd.formats.universal_io import UniversalWriter
+from ckptd.formats.universal_reader import UniversalReader
 
 
 class Tiny(torch.nn.Module):

@@ -21,7 +21,7 @@ from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.base import SourceFormatError
 from ckptd.converters.sources.deepspeed import DeepSpeedSource, UnsafePickleError
 from ckptd.formats.storage import LocalStorage
-from ckptd.formats.universal_io import UniversalReader
+from ckptd.formats.universal_reader import UniversalReader
 
 DS = ConvertOptions(source_format="deepspeed")
 

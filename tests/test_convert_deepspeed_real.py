@@ -23,7 +23,7 @@ import torch
 from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.deepspeed import DeepSpeedObject, DeepSpeedSource, load_pt
 from ckptd.formats.storage import LocalStorage
-from ckptd.formats.universal_io import UniversalReader
+from ckptd.formats.universal_reader import UniversalReader
 
 try:
     import deepspeed  # noqa: F401

@@ -270,7 +270,7 @@ def test_ds_to_universal_agrees_with_ours_on_the_bench_checkpoint(tmp_path: Path
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     convert(str(src), str(tmp_path / "ours"), ConvertOptions())
     from ckptd.formats.storage import LocalStorage
-    from ckptd.formats.universal_io import UniversalReader
+    from ckptd.formats.universal_reader import UniversalReader
 
     ours = UniversalReader.open(LocalStorage(tmp_path / "ours"), bench.STEP)
     names = [n for g in groups for n, _ in g]

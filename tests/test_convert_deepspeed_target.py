@@ -20,7 +20,7 @@ from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.base import PlanError, TargetExistsError
 from ckptd.converters.targets import deepspeed as ds_target
 from ckptd.formats.storage import LocalStorage
-from ckptd.formats.universal_io import UniversalReader
+from ckptd.formats.universal_reader import UniversalReader
 
 TAG = "global_step5"
 

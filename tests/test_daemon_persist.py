@@ -41,7 +41,7 @@ from ckptd.formats.manifest_build import build_manifest, split_objects
 from ckptd.formats.reader import CheckpointReader
 from ckptd.formats.retention import BackgroundGC, RetentionPolicy
 from ckptd.formats.storage import LocalStorage, Storage
-from ckptd.formats.universal_io import UniversalReader
+from ckptd.formats.universal_reader import UniversalReader
 from ckptd.formats.writer import WriterOptions
 from ckptd.fragments import LocalEntry, RankLayout
 from ckptd.placements import FlatShard, Replicated, Split

@@ -6,7 +6,8 @@ import torch
 
 from ckptd.formats.chunkcodec import CodecPolicy
 from ckptd.formats.storage import MemoryStorage
-from ckptd.formats.universal_io import UniversalReader, UniversalWriter, chunk_ranges
+from ckptd.formats.universal_io import UniversalWriter, chunk_ranges
+from ckptd.formats.universal_reader import UniversalReader
 from ckptd.formats.writer import StagingPool, WriterOptions
 from ckptd.planner import PlanOptions
 

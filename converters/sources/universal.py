@@ -17,7 +17,7 @@ from ckptd.converters.sources.base import (
 from ckptd.errors import NotCommittedError
 from ckptd.formats import commit as commit_mod
 from ckptd.formats.storage import Storage, open_storage
-from ckptd.formats.universal_io import UniversalReader
+from ckptd.formats.universal_reader import UniversalReader
 
 
 def split_step_dir(path: str) -> tuple[str, int | None]:
