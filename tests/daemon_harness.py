@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,9 +33,43 @@ START_TIMEOUT_S = 60.0  # a busy 2-core machine starts 4 daemons slowly
 LOST_AFTER_S = 1.5
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a daemon that will
+    bind it a moment later.
+
+    Taken *below* the kernel's ephemeral range: a port the kernel hands out itself (for
+    ``port: 0`` listeners, outgoing connections, gloo) can then never be the one chosen
+    here while the daemon is still starting (that race failed a CI run: "Address already
+    in use"). Random, checked by binding, and never handed out twice by this process.
+    """
+    lo = _ephemeral_range()[0]
+    rng = random.Random()
+    if lo > 12000:
+        for _ in range(200):  # bounded: a free port is found at once on any sane host
+            port = rng.randrange(10000, lo)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: ask the kernel
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

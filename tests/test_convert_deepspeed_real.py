@@ -10,7 +10,6 @@ so this process never unpickles anything but tensors. Skipped without ``deepspee
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 import deepspeed_fixture as fx
 import pytest
 import torch
+from daemon_harness import free_port
 
 from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.deepspeed import DeepSpeedObject, DeepSpeedSource, load_pt
@@ -67,10 +67,6 @@ WRITER = textwrap.dedent(
 ).replace("STEPS", str(STEPS))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +74,7 @@ def real_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ds-real")
     script = root / "writer.py"
     script.write_text(WRITER)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = fx.launcher_env(rank, 2, port)

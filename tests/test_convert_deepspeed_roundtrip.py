@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from pathlib import Path
 import deepspeed_fixture as fx
 import pytest
 import torch
+from daemon_harness import free_port
 
 from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.deepspeed import DeepSpeedSource
@@ -194,10 +194,6 @@ ENGINE = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -211,7 +207,7 @@ def test_deepspeed_engine_loads_the_chain_output(tmp_path: Path) -> None:
     state, _, out = _convert_chain(tmp_path, 3, 53, dst_dp=2, bf16=1)
     script = tmp_path / "engine.py"
     script.write_text(ENGINE)
-    port, dump, tests = str(_free_port()), tmp_path / "loaded", str(Path(__file__).parent)
+    port, dump, tests = str(free_port()), tmp_path / "loaded", str(Path(__file__).parent)
     procs = []
     for rank in range(2):
         env = fx.launcher_env(rank, 2, port)
