@@ -232,27 +232,36 @@ def write_deepspeed(
             numel = sum(math.prod(s) for _, s in g)
             pad = math.ceil(numel / (2 * dp)) * 2 * dp - numel
             paddings.append(pad if r == dp - 1 else 0)
-        osd = {
-            "loss_scaler": None,
-            "dynamic_loss_scale": False,
-            "overflow": False,
-            "clip_grad": 1.0,
-            "base_optimizer_state": [
-                {
-                    "step": torch.tensor(float(step)),
-                    "exp_avg": parts["exp_avg"][gi][r],
-                    "exp_avg_sq": parts["exp_avg_sq"][gi][r],
-                }
-                for gi in range(len(GROUPS))
-            ],
-            "single_partition_of_fp32_groups": [parts["fp32"][gi][r] for gi in range(len(GROUPS))],
-            "zero_stage": stage,
-            "group_paddings": paddings,
-            "partition_count": [dp] * len(GROUPS),
-            "ds_version": DS_VERSION,
-        }
-        _save_optim(d, r, osd)
+        groups = [{k: parts[k][gi][r] for k in kinds} for gi in range(len(GROUPS))]
+        _save_optim(d, r, zero_optim_state(groups, paddings, dp, stage, step))
     return d
+
+
+def zero_optim_state(
+    groups: list[dict[str, torch.Tensor]], paddings: list[int], dp: int, stage: int, step: int
+) -> dict:
+    """One rank's ZeRO-1/2 ``optimizer_state_dict`` as DeepSpeed's stage-1/2 optimizer
+    saves it: per group this rank's flat ``fp32``, ``exp_avg`` and ``exp_avg_sq``
+    partitions (``groups[i]``) and the group's alignment padding on this rank."""
+    return {
+        "loss_scaler": None,
+        "dynamic_loss_scale": False,
+        "overflow": False,
+        "clip_grad": 1.0,
+        "base_optimizer_state": [
+            {
+                "step": torch.tensor(float(step)),
+                "exp_avg": g["exp_avg"],
+                "exp_avg_sq": g["exp_avg_sq"],
+            }
+            for g in groups
+        ],
+        "single_partition_of_fp32_groups": [g["fp32"] for g in groups],
+        "zero_stage": stage,
+        "group_paddings": paddings,
+        "partition_count": [dp] * len(groups),
+        "ds_version": DS_VERSION,
+    }
 
 
 def _save_optim(d: Path, rank: int, osd: dict) -> None:
@@ -364,24 +373,8 @@ def write_deepspeed_tp(root: Path, state: dict, *, tp: int, dp: int, step: int =
         numel = sum(t.numel() for t in local["fp32"].values())
         pad = math.ceil(numel / (2 * dp)) * 2 * dp - numel
         for r in range(dp):
-            osd = {
-                "loss_scaler": None,
-                "dynamic_loss_scale": False,
-                "overflow": False,
-                "clip_grad": 1.0,
-                "base_optimizer_state": [
-                    {
-                        "step": torch.tensor(float(step)),
-                        "exp_avg": parts["exp_avg"][r],
-                        "exp_avg_sq": parts["exp_avg_sq"][r],
-                    }
-                ],
-                "single_partition_of_fp32_groups": [parts["fp32"][r]],
-                "zero_stage": 2,
-                "group_paddings": [pad if r == dp - 1 else 0],
-                "partition_count": [dp],
-                "ds_version": DS_VERSION,
-            }
+            osd = zero_optim_state([{k: parts[k][r] for k in kinds}],
+                                   [pad if r == dp - 1 else 0], dp, 2, step)
             torch.save(
                 {"optimizer_state_dict": osd, "ds_config": {}, "ds_version": DS_VERSION},
                 d / f"bf16_zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt",

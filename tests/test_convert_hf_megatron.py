@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,24 +39,35 @@ HEADS, KV, HIDDEN, FFN, VOCAB, LAYERS = 4, 2, 64, 96, 100, 4
 HD = HIDDEN // HEADS
 
 
+def _hf_embeddings(r: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and LM head of a tiny HF LLaMA-family model."""
+    return {
+        "model.embed_tokens.weight": r(VOCAB, HIDDEN),
+        "model.norm.weight": 1 + r(HIDDEN, scale=0.1),
+        "lm_head.weight": r(VOCAB, HIDDEN, scale=1 / 8),
+    }
+
+
+def _hf_attention(w: dict[str, torch.Tensor], p: str, r: Callable[..., torch.Tensor]) -> None:
+    """Layer prefix ``p``'s GQA projections, into ``w``."""
+    s = 1 / math.sqrt(HIDDEN)
+    w[p + "self_attn.q_proj.weight"] = r(HEADS * HD, HIDDEN, scale=s)
+    w[p + "self_attn.k_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
+    w[p + "self_attn.v_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
+    w[p + "self_attn.o_proj.weight"] = r(HIDDEN, HEADS * HD, scale=s)
+
+
 def hf_llama(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
 
     def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
-    w = {
-        "model.embed_tokens.weight": r(VOCAB, HIDDEN),
-        "model.norm.weight": 1 + r(HIDDEN, scale=0.1),
-        "lm_head.weight": r(VOCAB, HIDDEN, scale=1 / 8),
-    }
+    w = _hf_embeddings(r)
     s = 1 / math.sqrt(HIDDEN)
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = r(HEADS * HD, HIDDEN, scale=s)
-        w[p + "self_attn.k_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
-        w[p + "self_attn.v_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
-        w[p + "self_attn.o_proj.weight"] = r(HIDDEN, HEADS * HD, scale=s)
+        _hf_attention(w, p, r)
         w[p + "mlp.gate_proj.weight"] = r(FFN, HIDDEN, scale=s)
         w[p + "mlp.up_proj.weight"] = r(FFN, HIDDEN, scale=s)
         w[p + "mlp.down_proj.weight"] = r(HIDDEN, FFN, scale=1 / math.sqrt(FFN))
@@ -319,16 +331,11 @@ def hf_mixtral() -> dict[str, torch.Tensor]:
     def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * scale
 
-    w = {"model.embed_tokens.weight": r(VOCAB, HIDDEN),
-         "model.norm.weight": 1 + r(HIDDEN, scale=0.1),
-         "lm_head.weight": r(VOCAB, HIDDEN, scale=1 / 8)}  # fmt: skip
+    w = _hf_embeddings(r)
     s = 1 / math.sqrt(HIDDEN)
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = r(HEADS * HD, HIDDEN, scale=s)
-        w[p + "self_attn.k_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
-        w[p + "self_attn.v_proj.weight"] = r(KV * HD, HIDDEN, scale=s)
-        w[p + "self_attn.o_proj.weight"] = r(HIDDEN, HEADS * HD, scale=s)
+        _hf_attention(w, p, r)
         w[p + "input_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
         w[p + "post_attention_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
         w[p + "block_sparse_moe.gate.weight"] = r(EXPERTS, HIDDEN)
