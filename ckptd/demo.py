@@ -75,6 +75,12 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(x))
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:  # every parameter takes part in the loss
+        raise RuntimeError("a parameter got no gradient")
+    return p.grad
+
+
 def batch_for(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic data: sequences that count up modulo VOCAB from a random start."""
     g = torch.Generator().manual_seed(1000 + step)
@@ -109,7 +115,7 @@ class Zero1:
     @torch.no_grad()
     def step(self, t: int) -> None:
         flat_p = torch.cat([p.reshape(-1) for p in self.params])
-        flat_g = torch.cat([p.grad.reshape(-1) for p in self.params])
+        flat_g = torch.cat([_grad(p).reshape(-1) for p in self.params])
         p, g = flat_p[self.lo : self.hi], flat_g[self.lo : self.hi]
         self.exp_avg.mul_(BETAS[0]).add_(g, alpha=1 - BETAS[0])
         self.exp_avg_sq.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
@@ -166,7 +172,7 @@ def train(
     torch.use_deterministic_algorithms(True)
     model = TinyGPT()
     opt = Zero1(model, rank, world)
-    trainer = {"step": 0, "state_hash": ""}
+    trainer: dict[str, Any] = {"step": 0, "state_hash": ""}
     state = {
         "model": model,
         "optim": {"exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq},

@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 
@@ -23,6 +24,9 @@ from ckptd.errors import InvalidKeyError, LayoutError
 from ckptd.fragments import LocalEntry, RankLayout, TensorMeta
 from ckptd.placements import Block, Placement, Replicated
 from ckptd.statedict import FlatState, validate_state_key
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 Rename = Callable[[str], str]
 
@@ -135,7 +139,7 @@ def _local_and_placement(
     return t, pl or Replicated()
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def _is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     # No DTensor can exist unless its module was imported: looking it up instead of
     # importing it spares every save and load of a plain-tensor job the ~1.5 s import.
     module = sys.modules.get("torch.distributed.tensor")
@@ -143,7 +147,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
-def _dtensor_placement(key: str, t: torch.Tensor) -> Placement:
+def _dtensor_placement(key: str, t: DTensor) -> Placement:
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

@@ -266,10 +266,10 @@ def _plan_aligned(
                 )
             owner[idx] = w
     for idx in grid.indices():
-        w = owner.get(idx)
-        if w is None:
+        holder = owner.get(idx)
+        if holder is None:
             raise _not_covered(name, idx, grid.chunk_box(idx), 0)
-        chunks[w].append(ChunkTask(name, idx, grid.chunk_box(idx)))
+        chunks[holder].append(ChunkTask(name, idx, grid.chunk_box(idx)))
 
 
 def _not_covered(name: str, idx: ChunkIndex, cbox: Box, covered: int) -> ReshardError:

@@ -30,7 +30,8 @@ class RNGState:
 
 def capture_rng(include_cuda: bool = True) -> dict[str, Any]:
     """JSON-able snapshot of every RNG of this process."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: the (kind, keys, pos, ...) tuple
     out: dict[str, Any] = {
         "torch": _b64(torch.get_rng_state()),
         "numpy": {

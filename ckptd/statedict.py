@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -107,7 +107,7 @@ def _leaf(
         if not isinstance(sd, dict):
             raise UnsupportedStateError(f"{key!r}: state_dict() returned {type(sd).__name__}")
         _walk(sd, key + ".", flat, modules)
-        flat._finalizers.append(lambda obj=v, sd=sd: obj.load_state_dict(sd))
+        flat._finalizers.append(functools.partial(v.load_state_dict, sd))
     elif isinstance(v, dict):
         # Recurse even into JSON-only dicts: leaves are then written back into the
         # user's own dict on load, so references the trainer holds stay live.
@@ -165,7 +165,8 @@ def _optimizer(
     )
 
     mkey, model = owner
-    osd = get_optimizer_state_dict(model, optim)  # initializes lazily-created state
+    # (initializes lazily-created state; a plain dict at run time)
+    osd = cast(dict[str, Any], get_optimizer_state_dict(model, optim))
     # Param-group "params" lists name this rank's parameters (stage-local under PP):
     # they describe the layout, not the state. Keep the loading optimizer's own lists
     # and store only the hyperparameters, so a layout change needs no merge rule.

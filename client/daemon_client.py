@@ -116,8 +116,9 @@ class DaemonClient:
 
     def wait_step(self, job: str, step: int, state: int, timeout: float) -> tuple[int, str]:
         """Block until the step reaches ``state`` on this node's daemon (or fails)."""
-        reply = self.call("WaitStep", pb.WaitStepRequest(
-            job=job, step=step, state=state, timeout_seconds=timeout), timeout=timeout + 10.0)
+        request = pb.WaitStepRequest(
+            job=job, step=step, state=pb.StepState.ValueType(state), timeout_seconds=timeout)
+        reply = self.call("WaitStep", request, timeout=timeout + 10.0)
         return reply.state, reply.error
 
     def job_status(self, job: str) -> pb.JobStatusResponse:

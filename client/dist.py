@@ -86,7 +86,8 @@ class DistContext:
                 dist.isend(buf.reshape(-1).view(torch.uint8), dst=t.dst, group=self.bg_group)
             )
         for r in reqs:
-            r.wait()
+            if r is not None:  # None only for a rank outside the group (not ours)
+                r.wait()
 
 
 _lock = threading.Lock()

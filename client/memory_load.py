@@ -174,16 +174,16 @@ def read_piece_rows(
     if buf.numel() != nbytes:
         raise ValueError(f"{piece.name}: destination of {buf.numel()} bytes for {nbytes}")
     if nbytes:
-        out = memoryview(buf.numpy())
+        dest = memoryview(buf.numpy())
         local = held.node == client.node
         if local and held.segment_path and not held.rebuilt_key:
             # Same node: straight from the daemon's shared memory (one copy, no socket).
-            client.reader.read_into(held.segment_path, held.generation, start, out)
+            client.reader.read_into(held.segment_path, held.generation, start, dest)
         elif held.rebuilt_key and windows is not None:
             windows.read_into(client, held, start, buf, local_address)
         else:
             client.data(_address(held, local, local_address, start)).get_range(
-                held.key, start, start + nbytes, out=out)
+                held.key, start, start + nbytes, out=dest)
     shape = (b - a, *lengths[1:]) if lengths else ()
     return buf.view(dt).view(shape)
 

@@ -5,7 +5,7 @@ other members' data blocks and parity rows. The loader rebuilds them in its own 
 it asks a survivor for the step's stripe geometry (``rebuild/`` key), pulls the k
 shards of each stripe straight from the daemons holding them (``block/`` and
 ``parity/`` keys: this node's daemon over its unix data socket, peers over TCP) and
-decodes them here (:func:`ckptd.daemon.protection.rebuild_range`: the result checked
+decodes them here (:func:`ckptd.daemon.rebuild.rebuild_range`: the result checked
 against the parity's CRC table, and each shard too when the result does not match).
 Shards in this node's shared memory are used in place. Asking a survivor for the decoded
 bytes (``lost/`` key) instead makes every byte cross one more socket and a busy Python
@@ -35,7 +35,7 @@ import torch
 from ckpt.daemon_client import DaemonClient
 from ckptd.daemon.datachannel import BlobNotFoundError, PeerLostError, ProtocolError
 from ckptd.daemon.erasure import ErasureCodec
-from ckptd.daemon.protection import RebuildInfo, rebuild_info, rebuild_range
+from ckptd.daemon.rebuild import RebuildInfo, rebuild_info, rebuild_range
 
 if TYPE_CHECKING:
     from ckpt.memory_load import HeldSnapshot
@@ -271,8 +271,8 @@ class RebuiltWindows:
               local_address: str | None) -> None:
         rb = self._local_rebuild(client, held, local_address)
         if rb is None:  # the survivor decodes and sends the bytes (older daemons)
-            address = survivor_address(held, w0)
-            client.data(address).get_range(held.key, w0, w1, out=memoryview(out))
+            client.data(survivor_address(held, w0)).get_range(
+                held.key, w0, w1, out=memoryview(out))
             return
 
         def address(member: str) -> str:

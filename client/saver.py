@@ -503,7 +503,7 @@ _WAIT_STATES = {
     "protected": pb.STEP_STATE_PROTECTED,
     "committed": pb.STEP_STATE_COMMITTED,
 }
-_STATE_RANK = {
+_STATE_RANK: dict[int, int] = {
     pb.STEP_STATE_STAGED: 1,
     pb.STEP_STATE_PROTECTED: 2,
     pb.STEP_STATE_PERSISTED: 3,

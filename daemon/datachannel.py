@@ -118,7 +118,7 @@ class RangeError(TransportError, IndexError):
     """A requested byte range lies outside the object, or does not fit the caller's buffer."""
 
 
-_CODE_TO_ERROR: dict[ErrorCode, type[Exception]] = {
+_CODE_TO_ERROR: dict[int, type[Exception]] = {  # IntEnum keys: a wire int finds them
     ErrorCode.PROTOCOL: ProtocolError,
     ErrorCode.VERSION: VersionError,
     ErrorCode.TOO_LARGE: FrameTooLargeError,

@@ -30,11 +30,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ckptd.daemon.blobstore import ProtectionBlobStore
 from ckptd.daemon.erasure import ErasureCodec
 from ckptd.daemon.logs import get_logger
 from ckptd.daemon.protection import (
     NodePayload,
-    ProtectionBlobStore,
     ProtectionError,
     block_fetcher,
     encode_parity,

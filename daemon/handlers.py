@@ -74,7 +74,7 @@ class ControlSnapshots:
         state, error = await asyncio.to_thread(
             svc.wait_step, request.job, request.step, request.state or pb.STEP_STATE_STAGED,
             timeout)
-        return pb.WaitStepResponse(state=state, error=error)
+        return pb.WaitStepResponse(state=pb.StepState.ValueType(state), error=error)
 
 
 class PeerSnapshots:

@@ -17,7 +17,8 @@ _STATE = {v: k.removeprefix("STEP_STATE_").lower() for k, v in pb.StepState.item
 
 def job_rows(reply: pb.JobStatusResponse) -> dict[str, Any]:
     """JSON-able view of a ``JobStatusResponse``."""
-    nodes, steps = [], []
+    nodes: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
     for view in reply.nodes:
         node = {"node": view.node, "reachable": view.reachable}
         if not view.reachable:

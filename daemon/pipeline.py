@@ -23,6 +23,7 @@ marked committed, never written again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -154,7 +155,7 @@ class StepPipeline:
                 try:
                     payload = snap.view()
                     reports.append(persist_rank(
-                        desc, payload, storage, lambda i, t, d=desc: self._pull(job, d, i, t),
+                        desc, payload, storage, functools.partial(self._pull, job, desc),
                         _codec_for(desc.root or ""), limiter=None))
                 finally:
                     snap.release()

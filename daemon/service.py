@@ -42,7 +42,7 @@ from ckptd.snapshot import SnapshotDescriptor
 
 log = get_logger("ckptd.daemon.service")
 
-STATE_ORDER = {
+STATE_ORDER: dict[int, int] = {
     pb.STEP_STATE_UNSPECIFIED: 0,
     pb.STEP_STATE_STAGED: 1,
     pb.STEP_STATE_PROTECTED: 2,
@@ -94,7 +94,8 @@ class StepProgress:
         lag = (self.persisted_at - self.staged_at
                if self.persisted_at is not None and self.staged_at is not None else 0.0)
         return pb.StepStatus(
-            step=self.step, node=node, state=self.state(), ranks=sorted(self.ranks),
+            step=self.step, node=node, state=pb.StepState.ValueType(self.state()),
+            ranks=sorted(self.ranks),
             bytes=self.bytes, group=list(self.group), erasure_n=n, erasure_m=m,
             protected=self.protected, persisted=self.persisted,
             committed=self.committed_to_storage, error=self.error, persist_lag_seconds=lag,
@@ -311,7 +312,7 @@ class SnapshotService:
         with self._changed:
             state = self.jobs.get(job)
             prog = state.steps.get(step) if state else None
-            if prog is None:
+            if state is None or prog is None:
                 return
             for k, v in changes.items():
                 setattr(prog, k, v)

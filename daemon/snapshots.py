@@ -220,8 +220,8 @@ class Slot:
             self.prior = None  # the buffer is replaced: its snapshot goes with it
         old_size = HEADER_SIZE + old.capacity if old else 0
         exact = shm.page_round(nbytes)
-        cap = max(exact, shm.page_round(int(old.capacity * self.store.growth))) if old else exact
-        cap = self.store._reserve(old_size, cap, exact)  # atomic against other slots
+        want = max(exact, shm.page_round(int(old.capacity * self.store.growth))) if old else exact
+        cap = self.store._reserve(old_size, want, exact)  # atomic against other slots
         if cap is None:
             kept = f"generation {self.committed[0]}" if self.committed else "none"
             what = f"step {step}" if step is not None else "this rank"
@@ -515,15 +515,15 @@ class SnapshotStore:
                 info = slot._check(cb, gen, verify=True)[1]
                 slot.committed = (gen, cb)
             except ValueError as e:
-                seg = slot.segments[cb]
-                gone.append(Discarded(rank, seg.path if seg else f"buffer {cb}", str(e)))
-                if seg is not None:
-                    seg.set_state(EMPTY)
-        for b, seg in enumerate(slot.segments):
-            if seg is not None and b != cb and (hs := seg.header())[1] != EMPTY:
+                bad = slot.segments[cb]
+                gone.append(Discarded(rank, bad.path if bad else f"buffer {cb}", str(e)))
+                if bad is not None:
+                    bad.set_state(EMPTY)
+        for b, held in enumerate(slot.segments):
+            if held is not None and b != cb and (hs := held.header())[1] != EMPTY:
                 why = "interrupted write" if hs[1] == WRITING else "not the last committed one"
-                gone.append(Discarded(rank, seg.path, f"{why}: generation {hs[0].generation}"))
-                seg.set_state(EMPTY)  # never mistaken for a snapshot again; memory reused
+                gone.append(Discarded(rank, held.path, f"{why}: generation {hs[0].generation}"))
+                held.set_state(EMPTY)  # never mistaken for a snapshot again; memory reused
         slot._write_record()
         with self._lock:
             self._slots[rank] = slot

@@ -106,7 +106,7 @@ def raw_block_frame(data: memoryview) -> bytes:
     """A valid zstd frame holding ``data`` in raw (uncompressed) blocks: one memcpy."""
     n = data.nbytes
     # Single-segment frame with an 8-byte content size: descriptor 0b11100000.
-    parts = [_ZSTD_MAGIC, b"\xe0", struct.pack("<Q", n)]
+    parts: list[bytes | memoryview] = [_ZSTD_MAGIC, b"\xe0", struct.pack("<Q", n)]
     if n == 0:
         parts.append((1).to_bytes(3, "little"))  # last block, raw, size 0
     for off in range(0, n, _RAW_BLOCK_MAX):

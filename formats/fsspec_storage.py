@@ -9,6 +9,7 @@ is atomic only within this process.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -179,7 +180,8 @@ class FsspecStorage(Storage):
             for d in dirs:
                 path = self._path(d)
                 if self.fs.isdir(path):
-                    self._call("delete_prefix", d, lambda p=path: self.fs.rm(p, recursive=True))
+                    rm = functools.partial(self.fs.rm, path, recursive=True)
+                    self._call("delete_prefix", d, rm)
 
     def _list(self, prefix: str) -> list[str]:
         base = self._path(prefix)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ckptd.dtypes import numpy_storage_dtype, torch_dtype
 from ckptd.errors import IntegrityError
@@ -103,7 +103,10 @@ class CheckpointReader:
         ranges going to different tensors); False if the chunk needs decoding or padding
         removal or the sizes do not add up (the caller then uses :meth:`read_chunk`).
         The chunk's checksum is verified over all parts."""
-        dests = list(dest) if isinstance(dest, (list, tuple)) else [dest]
+        # (no isinstance(dest, torch.Tensor): torch is not imported at module level here)
+        dests: list[torch.Tensor] = (
+            list(dest) if isinstance(dest, (list, tuple)) else [cast("torch.Tensor", dest)]
+        )
         rec = self.manifest.tensors[name]
         c = self._chunks[name][index]
         nbytes = sum(d.numel() * d.element_size() for d in dests)

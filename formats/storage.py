@@ -24,6 +24,7 @@ Capability flags pick the commit strategy instead of ``NotImplementedError``:
 
 from __future__ import annotations
 
+import builtins  # the annotations below the method named "list" need the type
 import os
 import re
 import shutil
@@ -134,7 +135,7 @@ class Storage(ABC):
         """Return all keys under ``prefix/`` (recursive), relative to the root, sorted."""
         return sorted(self._list(validate_prefix(prefix)))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Return the names of the immediate child directories of ``prefix``, sorted."""
         return sorted(self._list_dirs(validate_prefix(prefix)))
 
@@ -167,9 +168,9 @@ class Storage(ABC):
     @abstractmethod
     def _delete_prefix(self, prefix: str) -> None: ...
     @abstractmethod
-    def _list(self, prefix: str) -> list[str]: ...
+    def _list(self, prefix: str) -> builtins.list[str]: ...
     @abstractmethod
-    def _list_dirs(self, prefix: str) -> list[str]: ...
+    def _list_dirs(self, prefix: str) -> builtins.list[str]: ...
 
 
 def as_bytes_view(data: Buffer) -> memoryview:

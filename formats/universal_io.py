@@ -43,6 +43,7 @@ byte ranges, which the chunk shapes chosen for whole tensors always are).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -231,7 +232,7 @@ class UniversalWriter:
         )
         self._unsaved = False  # _done has durable tensors the sidecar does not list
         self.sync_bytes = SYNC_BYTES
-        self.on_durable: Callable[[str], None] | None = None
+        self.on_durable = None
         self._state: dict[str, Any] = {}
         self._per_rank: dict[str, dict[str, Any]] = {}
         self._rng: dict[str, Any] = {}
@@ -385,7 +386,7 @@ class UniversalWriter:
                 raise
             if prefetch is not None and k + 1 < len(indices):
                 prefetch(*ranges(indices[k + 1]))  # read ahead while this one is written
-            window.submit_bytes(rec, idx, buf.view, lambda b=buf: self._staging.release(b))
+            window.submit_bytes(rec, idx, buf.view, functools.partial(self._staging.release, buf))
         self._added(nbytes)
 
     def _open_window(self, rec: TensorRecord) -> CheckpointWriter:

@@ -152,7 +152,7 @@ class CheckpointWriter:
         self._policy = policy
         self._options = options
         self._pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="ckpt-write")
-        self._futures: list[Future[tuple[str, ChunkRecord]]] = []
+        self._futures: list[Future[tuple[str, ChunkRecord] | None]] = []  # None: packed
         self._lock = threading.Lock()
         self._budget = threading.Condition(self._lock)
         self._inflight = 0

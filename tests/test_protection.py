@@ -1,4 +1,5 @@
-"""Erasure protection across daemons (``daemon/stripes.py``, ``daemon/protection.py``).
+"""Erasure protection across daemons (``daemon/stripes.py``, ``daemon/protection.py``,
+``daemon/rebuild.py``, ``daemon/blobstore.py``).
 
 Each simulated node has its own ``SnapshotStore`` (snapshots) and parity store under
 ``tmp_path`` and a real ``DataServer`` on 127.0.0.1 serving a ``ProtectionBlobStore``;
@@ -16,18 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ckptd.daemon.blobstore import ProtectionBlobStore
 from ckptd.daemon.erasure import ErasureCodec
 from ckptd.daemon.protection import (
     NodePayload,
-    ProtectionBlobStore,
-    RebuildError,
     block_fetcher,
     encode_parity,
     parity_fetcher,
     parity_job,
-    rebuild_info,
-    rebuild_range,
 )
+from ckptd.daemon.rebuild import RebuildError, rebuild_info, rebuild_range
 from ckptd.daemon.shm import SnapshotReader
 from ckptd.daemon.snapshots import SnapshotStore
 from ckptd.daemon.stripes import StripeGeometry

@@ -33,7 +33,7 @@ METADATA_NAME = markers.DCP_METADATA
 def _reader_class() -> type:
     from torch.distributed.checkpoint import FileSystemReader
 
-    class CachedReader(FileSystemReader):  # type: ignore[misc,valid-type]
+    class CachedReader(FileSystemReader):
         """Reads (unpickles) ``.metadata`` once, not once per tensor loaded."""
 
         _cached: Any = None

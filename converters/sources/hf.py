@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import sys
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ class HFSource(Source):
                     f"{fname}: tensor {name!r} is listed in the index but not in the file"
                 )
         self.metadata = headers[self.files[0]].metadata if self.files else {}
-        self._shared: object | None = None
+        self._shared: Any = None  # an open safetensors handle (safe_open is untyped)
         self._shared_file = ""
         self._shared_bytes = 0
         self._fds: dict[str, int] = {}  # for read_range / prefetch
@@ -82,7 +83,7 @@ class HFSource(Source):
         where = path
         try:
             if entry.info.nbytes >= LARGE_BYTES:
-                with safe_open(path, framework="pt") as f:  # type: ignore[no-untyped-call]
+                with safe_open(path, framework="pt") as f:
                     t = f.get_tensor(name)
             else:
                 if (
@@ -91,9 +92,9 @@ class HFSource(Source):
                     or (self._shared_bytes >= REOPEN_BYTES)
                 ):
                     self._close_shared()
-                    self._shared = safe_open(path, framework="pt").__enter__()  # type: ignore
+                    self._shared = safe_open(path, framework="pt").__enter__()
                     self._shared_file, self._shared_bytes = path, 0
-                t = self._shared.get_tensor(name).clone()  # type: ignore[attr-defined]
+                t = self._shared.get_tensor(name).clone()
                 self._shared_bytes += entry.info.nbytes
         except (OSError, RuntimeError, ValueError) as e:
             if isinstance(e, SourceFormatError):
@@ -179,7 +180,7 @@ class HFSource(Source):
 
     def _close_shared(self) -> None:
         if self._shared is not None:
-            self._shared.__exit__(None, None, None)  # type: ignore[attr-defined]
+            self._shared.__exit__(None, None, None)
             self._shared = None
 
     def close(self) -> None:

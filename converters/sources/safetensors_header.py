@@ -100,16 +100,17 @@ def read_header(path: str) -> SafetensorsHeader:
         raise SourceFormatError(f"{path}: __metadata__ must map strings to strings")
     data_start, data_len = 8 + n, size - 8 - n
     entries = [_entry(path, name, obj, data_start, data_len) for name, obj in doc.items()]
-    entries.sort(key=lambda e: (e.begin, e.end))
+    entries.sort(key=lambda x: (x.begin, x.end))
     pos = data_start
-    for e in entries:
-        if e.begin != pos:
-            what = "overlaps the previous tensor" if e.begin < pos else "leaves a gap before it"
+    for ent in entries:
+        if ent.begin != pos:
+            what = "overlaps the previous tensor" if ent.begin < pos else "leaves a gap before it"
             raise SourceFormatError(
-                f"{path}: tensor {e.info.name!r}: data_offsets start at {e.begin - data_start}, "
-                f"which {what} (expected {pos - data_start}); the header lies about sizes"
+                f"{path}: tensor {ent.info.name!r}: data_offsets start at "
+                f"{ent.begin - data_start}, which {what} (expected {pos - data_start}); "
+                "the header lies about sizes"
             )
-        pos = e.end
+        pos = ent.end
     if pos != size:
         raise SourceFormatError(
             f"{path}: tensors cover {pos - data_start} of the {data_len} data bytes "

@@ -12,10 +12,12 @@ patterns are matched against the key (prefix removed) before any rename.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 from ckptd.converters.spec import ast
 from ckptd.converters.spec.errors import (
@@ -273,7 +275,7 @@ class CompiledSpec:
         start, end, caps = hit
         if r.stmt.axis_var is not None:
             caps[r.stmt.axis_var] = int(self.coords.get(r.stmt.axis or "", 0))
-        new = render(r.stmt.target, lambda n, loc, c=caps: self.scope.lookup(n, loc, c))
+        new = render(r.stmt.target, functools.partial(self.scope.lookup, local=caps))
         return name[:start] + new + name[end:]
 
     def with_coords(self, coords: Mapping[str, int]) -> CompiledSpec:
@@ -333,12 +335,13 @@ class _AddSource:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et, e, tb) -> bool:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:  # never suppresses: a located error is re-raised with its source line
         if isinstance(e, SpecError) and e.loc is not None and "\n    " not in str(e):
             src = self.lines.get(e.loc.file, ())
             if 0 < e.loc.line <= len(src):
                 raise type(e)(e.message, e.loc, src[e.loc.line - 1]) from None
-        return False
 
 
 def compile_spec(

@@ -208,34 +208,34 @@ def _merge(spec: CompiledSpec, name: str, got: dict[str, _Resolved]) -> Mapped:
                                 f"{r.part!r} (parts: {', '.join(known)})", r.stmt.part_loc)
         missing = [p.name for p in parts if p.name not in got and p.size != 0]
         if missing:
-            have = ", ".join(f"{k} <- {r.info.name}" for k, r in got.items())
+            have = ", ".join(f"{k} <- {g.info.name}" for k, g in got.items())
             raise SpecError(f"cannot merge {name!r}: no source tensor for part(s) "
                             f"{', '.join(missing)} (have {have})", rule.loc)
         ref = _shape(first)
         d = dim % len(ref) if ref else 0
         segments, offset, sources = [], 0, []
         for p in parts:
-            r = got.get(p.name)
-            if r is None:
+            res = got.get(p.name)
+            if res is None:
                 continue
-            shape = _shape(r)
-            assert r.stmt is not None
-            where = r.stmt.part_loc
-            if r.info.dtype != first.info.dtype:
-                raise SpecError(f"cannot merge {name!r}: part {p.name!r} ({r.info.name}) is "
-                                f"{r.info.dtype}, part {first.part!r} ({first.info.name}) is "
+            shape = _shape(res)
+            assert res.stmt is not None
+            where = res.stmt.part_loc
+            if res.info.dtype != first.info.dtype:
+                raise SpecError(f"cannot merge {name!r}: part {p.name!r} ({res.info.name}) is "
+                                f"{res.info.dtype}, part {first.part!r} ({first.info.name}) is "
                                 f"{first.info.dtype}", where)
             if len(shape) != len(ref) or any(a != b for i, (a, b) in enumerate(
                     zip(shape, ref)) if i != d):
                 raise SpecError(f"cannot merge {name!r} on dim {d}: part {p.name!r} "
-                                f"({r.info.name}) has shape {list(shape)}, part "
+                                f"({res.info.name}) has shape {list(shape)}, part "
                                 f"{first.part!r} ({first.info.name}) {list(ref)}", where)
             if p.size is not None and shape[d] != p.size:
                 raise SpecError(f"cannot merge {name!r}: part {p.name!r} should be {p.size} "
-                                f"long on dim {d} (rule at {rule.loc}), but {r.info.name} is "
+                                f"long on dim {d} (rule at {rule.loc}), but {res.info.name} is "
                                 f"{shape[d]}", where)
-            segments.append(Segment(r.info.name, d, offset, 0, shape[d], r.transpose))
-            sources.append(r.info.name)
+            segments.append(Segment(res.info.name, d, offset, 0, shape[d], res.transpose))
+            sources.append(res.info.name)
             offset += shape[d]
     shape = tuple(offset if i == d else s for i, s in enumerate(ref))
     return Mapped(TensorInfo(name, first.info.dtype, shape), tuple(sources), tuple(segments))
@@ -290,7 +290,7 @@ class _Reverse:
             if hit is None:
                 continue
             start, end, caps = hit
-            src = "".join(str(caps[i.name]) if isinstance(i, ast.Capture) else i
+            src = "".join(str(caps[i.name]) if isinstance(i, ast.Capture) else str(i)
                           for i in inv.stmt.source.items)
             out.append((inv, name[:start] + src + name[end:]))
         return out

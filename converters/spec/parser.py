@@ -9,6 +9,7 @@ and their positions are mapped back into the file.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 
 from lark import Lark, Token, Transformer, Tree, v_args
@@ -154,7 +155,7 @@ def _syntax_error(e: UnexpectedInput, file: str, lines: tuple[str, ...]) -> Spec
     return SpecError(msg, Loc(file, line, col), src)
 
 
-def _expected(names: set[str] | list[str]) -> str:
+def _expected(names: Iterable[str]) -> str:
     shown = sorted({_FRIENDLY.get(n, f"'{n.lower()}'" if n.isupper() else n) for n in names})
     return " or ".join(shown) if len(shown) <= 4 else ", ".join(shown[:6]) + ", ..."
 

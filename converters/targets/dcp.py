@@ -262,7 +262,7 @@ class _Progress:
 def _planner_class() -> type:
     from torch.distributed.checkpoint import DefaultSavePlanner
 
-    class _StreamingPlanner(DefaultSavePlanner):  # type: ignore[misc,valid-type]
+    class _StreamingPlanner(DefaultSavePlanner):
         """Produces each tensor from the source when DCP's writer asks for it."""
 
         def __init__(self, fetch: Fetch) -> None:
@@ -279,7 +279,7 @@ def _writer_class() -> type:
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.futures import Future
 
-    class _BucketedWriter(FileSystemWriter):  # type: ignore[misc,valid-type]
+    class _BucketedWriter(FileSystemWriter):
         """One ``.distcp`` file per planned bucket, written one bucket at a time; a
         bucket file that an interrupted run wrote and recorded is reused."""
 

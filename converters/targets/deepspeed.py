@@ -398,7 +398,7 @@ class DeepSpeedTarget(Target):
         cfg: dict[str, Any] = {"zero_optimization": {"stage": self.zero if plan.params else 0}}
         if self._is_bf16(plan):
             cfg["bf16"] = {"enabled": True}
-        model = {
+        model: dict[str, Any] = {
             "module": OrderedDict(
                 (t.name, _Slot(f"module/{t.name}", t.dtype, t.shape)) for t in plan.module
             ),
@@ -495,7 +495,7 @@ def _write_skeleton(path: str, obj: dict[str, Any]) -> list[str]:
 
 def _read_slots(path: str, order: list[str]) -> dict[str, int]:
     """slot -> file offset of its record's bytes in a skeleton."""
-    r = torch._C.PyTorchFileReader(path)
+    r: Any = torch._C.PyTorchFileReader(path)  # get_record_offset is missing from its stub
     return {slot: r.get_record_offset(f"data/{i}") for i, slot in enumerate(order)}
 
 

@@ -28,6 +28,7 @@ and fdatasync'd): it is only renamed if the rename was interrupted.
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
 import json
 import os
@@ -275,7 +276,7 @@ class _ShardWriter:
                 # The source reads the next window in the background while this one is
                 # filled (kernel readahead on the source files) and the previous written.
                 self._prefetch(sf, hi, min(sf.size, hi + window))
-                w.put(k, hi - lo, lambda view, lo=lo: self._fill(sf, view, lo))
+                w.put(k, hi - lo, functools.partial(self._fill, sf, lo=lo))
                 self.bytes_written += hi - lo
                 unsynced += hi - lo
                 last = k == windows - 1

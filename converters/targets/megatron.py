@@ -40,7 +40,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import crc32c as _crc
 import torch
@@ -229,8 +229,8 @@ class MegatronTarget(Target):
         for p in range(self.pp):
             m = _LAYER.search(self._compile(variables, 0, p).logical_name(probe))
             firsts.append(int(m.group(2)) if m else 0)
-        for e in range(self.ep):
-            x = _EXPERT.search(self._compile(variables, 0, 0, e).logical_name(probe))
+        for ep_rank in range(self.ep):
+            x = _EXPERT.search(self._compile(variables, 0, 0, ep_rank).logical_name(probe))
             efirsts.append(int(x.group(2)) if x else 0)
         by_stage: dict[int, list[tuple[int | None, str, TensorInfo]]] = {}
         for t in tensors:
@@ -238,10 +238,11 @@ class MegatronTarget(Target):
             by_stage.setdefault(s, []).append((e, local, t))
         plans: list[_RankPlan] = []
         for p in range(self.pp):
-            for e in range(self.ep):
-                for t in range(self.tp):
-                    mine = [(lk, i) for r, lk, i in by_stage.get(p, []) if r is None or r == e]
-                    plans.append(self._plan_rank(variables, t, p, e, mine, params, len(plans)))
+            for ep_rank in range(self.ep):
+                mine = [(lk, i) for r, lk, i in by_stage.get(p, []) if r is None or r == ep_rank]
+                for tp_rank in range(self.tp):
+                    plans.append(self._plan_rank(
+                        variables, tp_rank, p, ep_rank, mine, params, len(plans)))
         self._plan_cache = (key, plans, variables)
         return plans
 
@@ -414,7 +415,9 @@ def _rank_object(rp: _RankPlan, loc: Mapping[str, torch.Tensor], meg: Mapping[st
             pk: dict(sorted(kinds.items(), key=lambda kv: (kv[0] == MASTER, rank.get(kv[0], 9))))
             for pk, kinds in per.items()
         }
-        opt_state = meg.get("optimizer") if isinstance(meg.get("optimizer"), dict) else {}
+        opt_state = meg.get("optimizer")
+        if not isinstance(opt_state, dict):
+            opt_state = {}
         obj["optimizer"] = build_optimizer(
             model, optim, opt_state.get("param_groups") or (), opt_state.get("grad_scaler")
         )
@@ -477,7 +480,7 @@ def _save_atomic(path: str, obj: dict[str, Any]) -> tuple[int, int]:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         w = _CrcWriter(f)
-        torch.save(obj, w)
+        torch.save(obj, cast(IO[bytes], w))  # a file-like object: write() is all it needs
         f.flush()
         os.fsync(f.fileno())
         size = f.tell()

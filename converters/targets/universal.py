@@ -10,6 +10,7 @@ writer's in-flight chunks (64 MiB) and the chunk being read, whatever the tensor
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -111,8 +112,8 @@ class UniversalTarget(Target):
                         t.name,
                         t.dtype,
                         t.shape,
-                        lambda start, out, n=t.name: fetch.range(n, start, out),
-                        lambda start, size, n=t.name: fetch.prefetch(n, start, size),
+                        functools.partial(fetch.range, t.name),
+                        functools.partial(fetch.prefetch, t.name),
                     )
                 layout_doc = {"world_size": 1, "coords": ["rank=0"], "digest": ""}
                 writer.set_state(
