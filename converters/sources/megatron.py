@@ -19,8 +19,10 @@ parallelism). ``mp_rank_TT_XXX`` is a pipeline stage unless the sidecar, ``--var
 ep=N`` or the files' ``args`` say the run was expert-parallel only.
 Every EP rank holds the dense parameters too: those copies are checked equal.
 
-Optimizer state (the non-distributed optimizer's, see :mod:`.megatron_optim`) is given
-as ``optim.state.<canonical param>.{fp32,exp_avg,exp_avg_sq,step}``, laid out like its
+Optimizer state (the non-distributed optimizer's, see :mod:`.megatron_optim`, or the
+distributed optimizer's ``distrib_optim.pt`` next to the rank file, see
+:mod:`.megatron_distopt`) is given as
+``optim.state.<canonical param>.{fp32,exp_avg,exp_avg_sq,step}``, laid out like its
 parameter; its param groups' hyperparameters and ``opt_param_scheduler`` are carried
 as trainer state (``source_state``) so that a Megatron target can write them back.
 
@@ -64,6 +66,7 @@ from ckptd.converters.sources.base import (
     TensorInfo,
     read_range_by_boxes,
 )
+from ckptd.converters.sources.megatron_distopt import DistOptHints, parse_dist_optimizer
 from ckptd.converters.sources.megatron_optim import parse_optimizer
 from ckptd.converters.spec.errors import SpecError
 from ckptd.dtypes import dtype_name, torch_dtype
@@ -145,16 +148,21 @@ def spec_source(name: str) -> Any:
     return load_shipped(name)
 
 
-def load_rank_file(path: str) -> dict[str, Any]:
+def load_torch_file(path: str) -> Any:
     """``torch.load(weights_only=True, mmap=True)``; any failure names the file."""
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # every failure becomes one typed error
         raise SourceFormatError(
             f"{path}: cannot be read as a weights-only torch checkpoint "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+
+
+def load_rank_file(path: str) -> dict[str, Any]:
+    """A ``model_optim_rng.pt`` through :func:`load_torch_file`; it must hold a ``model``."""
+    obj = load_torch_file(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise SourceFormatError(f"{path}: no 'model' state dict (not a Megatron rank file)")
     return obj
@@ -180,8 +188,13 @@ class _Rank:
     path: str
 
     @property
+    def dist_optim_path(self) -> str:
+        """Where the distributed optimizer's ``distrib_optim.pt`` of this rank would be."""
+        return os.path.join(os.path.dirname(self.path), DIST_OPTIM_FILE)
+
+    @property
     def has_dist_optim(self) -> bool:
-        return os.path.isfile(os.path.join(os.path.dirname(self.path), DIST_OPTIM_FILE))
+        return os.path.isfile(self.dist_optim_path)
 
 
 class MegatronSource(InventorySource):
@@ -269,7 +282,13 @@ class MegatronSource(InventorySource):
         rank = self.ranks[idx]
         flat = flatten_model(obj["model"])
         opt = obj.get("optimizer")
-        if opt is None or rank.has_dist_optim:
+        if rank.has_dist_optim:
+            hints = DistOptHints.from_args(obj.get("args"), rank.pp, self.pp, self.ep)
+            parsed = parse_dist_optimizer(opt, load_torch_file(rank.dist_optim_path), flat,
+                                          path=rank.path, dist_path=rank.dist_optim_path,
+                                          hints=hints)  # fmt: skip
+            return {**flat, **parsed.tensors}, parsed
+        if opt is None:
             return flat, None
         parsed = parse_optimizer(opt, flat, rank.path)
         return {**flat, **parsed.tensors}, parsed
@@ -281,11 +300,6 @@ class MegatronSource(InventorySource):
             if idx == 0:
                 self._derive(flatten_model(obj["model"]))
                 self._first_state(obj)
-            if rank.has_dist_optim and idx == 0:
-                self._skipped.append(
-                    f"{DIST_OPTIM_FILE} (distributed optimizer state is not read; convert "
-                    "weights only, or save with the non-distributed optimizer)"
-                )
             flat, parsed = self._local_tensors(idx, obj)
             del obj
             if parsed is not None and idx == 0:
@@ -356,8 +370,9 @@ class MegatronSource(InventorySource):
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for r in self.ranks:
-            st = os.stat(r.path)
-            h.update(f"{r.path}:{st.st_size}:{st.st_mtime_ns};".encode())
+            for f in (r.path, r.dist_optim_path) if r.has_dist_optim else (r.path,):
+                st = os.stat(f)
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
         h.update(json.dumps([self.spec_name, sorted(self.variables.items())]).encode())
         return h.hexdigest()
 

@@ -25,8 +25,9 @@ both Megatron's older group order (first appearance) and its newer one (sorted) 
 A group that matches no class (custom ``--no-weight-decay`` rules, frozen parameters)
 is a :class:`SourceFormatError` naming the file and the group.
 
-The distributed optimizer keeps its state in ``distrib_optim.pt`` as flat DP buffers;
-that form is not read here (the source lists it as skipped).
+The distributed optimizer keeps its state in ``distrib_optim.pt`` as flat DP buffers
+and only hyperparameters here; :mod:`.megatron_distopt` reads that form into the same
+names (the target writes this module's non-distributed form).
 
 Universal names (those of ``ckpt.save`` and the DeepSpeed source):
 ``optim.state.<param>.fp32`` (master weights of 16-bit params), ``.exp_avg``,
