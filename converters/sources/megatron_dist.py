@@ -26,6 +26,18 @@ to the same universal checkpoint):
   global tensors are what a TP1xPP1 legacy rank file holds, with ``vocab_multiple`` set
   to the padded vocabulary rows found in the checkpoint. SwiGLU ``linear_fc1`` is saved
   by Megatron-core as ``[gate; up]`` over the whole FFN, the canonical order already.
+- *Experts (MoE)*: ``SequentialMLP``, ``GroupedMLP`` and ``TEGroupedMLP`` all save
+  ``decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight`` with an expert axis of
+  ``num_experts`` after the layer axis (global expert = ``ep_rank * local_experts +
+  local index``); ``singleton_local_shards`` saves one key per global expert
+  (``...experts.experts.<g>.linear_fc1.weight_w``/``_v``: gate/up, joined here). Each
+  expert becomes ``decoder.layers.{i}.mlp.experts.local_experts.{g}.<param>`` (global
+  ``g``: the legacy source's names; the spec is compiled with ``ep=1``), the router
+  ``mlp.router.weight`` is taken as it is. MoE layers interleaved with dense ones
+  (``moe_layer_freq``) come with layer-numbered keys. A key under ``mlp.experts.`` of
+  another form or shape, or experts that do not match the router's rows, is a
+  :class:`~megatron_dist_keys.MoEKeyError` naming the key. The key forms are decided in
+  :mod:`megatron_dist_keys`.
 - *Optimizer state* in model space (``optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.
   <param key>``, written by the non-distributed optimizer and by the distributed one
   with ``fully_sharded_model_space``) follows its parameter and is given as
@@ -35,8 +47,8 @@ to the same universal checkpoint):
   ``optimizer.*`` tensors (the ``dp_reshardable`` bucket form) cannot be mapped to
   parameters without the live model and are listed as skipped.
 
-Reads go through DCP one box at a time: one layer of a stacked tensor, never the
-whole stack, with ``.metadata`` unpickled once (DCP's ``.metadata`` is a pickle that DCP
+Reads go through DCP one box at a time: one layer (and expert) of a stacked tensor,
+never the whole stack, with ``.metadata`` unpickled once (DCP's ``.metadata`` is a pickle that DCP
 itself unpickles: convert only checkpoints you trust). ``common.pt`` is read only with
 ``torch.load(weights_only=True)`` (``argparse.Namespace``, a plain attribute bag,
 allowed); when that refuses it, the file is listed as skipped and the model variables
@@ -53,7 +65,6 @@ import pickle
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,6 +78,17 @@ from ckptd.converters.sources.base import (
 )
 from ckptd.converters.sources.dcp import METADATA_NAME, _reader_class
 from ckptd.converters.sources.megatron import DEFAULT_SPEC, _locate, resolve_variables
+from ckptd.converters.sources.megatron_dist_keys import (
+    STACK_PREFIX,
+    Part,
+    Virtual,
+    check_experts,
+    expand,
+    expert_index,
+    flattened_frags,
+    join_halves,
+    stack_depth,
+)
 from ckptd.converters.spec.errors import SpecError
 from ckptd.dtypes import dtype_name, torch_dtype
 from ckptd.errors import LayoutError
@@ -76,13 +98,12 @@ from ckptd.layout import build_rank_layout
 from ckptd.statedict import FlatState
 
 MCORE_METADATA = markers.MCORE_METADATA
+_DENSE_FC1 = re.compile(r"^decoder\.layers\.\d+\.mlp\.linear_fc1\.weight$")
 COMMON = "common.pt"
 BACKEND = markers.MCORE_BACKEND
-STACK_PREFIX = "decoder.layers."
 OPTIM_PREFIX = "optimizer.state."
 # Megatron-core optimizer state key -> the universal suffix (DeepSpeed source's names).
 OPTIM_KINDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "fp32_param": "fp32"}
-_LAYER_NUM = re.compile(r"^\d+\.")
 # common.pt ``args`` attribute -> spec variable (first found wins per variable).
 _ARGS_VARS = (
     ("num_attention_heads", "heads"),
@@ -92,6 +113,8 @@ _ARGS_VARS = (
     ("ffn_hidden_size", "ffn"),
     ("num_layers", "layers"),
     ("vocab_size", "vocab"),
+    ("num_experts", "experts"),
+    ("moe_ffn_hidden_size", "moe_ffn"),
 )
 
 
@@ -121,17 +144,6 @@ def read_mcore_metadata(iter_dir: str) -> dict[str, Any]:
     return doc
 
 
-@dataclass(frozen=True)
-class _Virtual:
-    """A virtual TP1xPP1 rank-file tensor: ``box`` of DCP entry ``fqn`` (leading ``layer``
-    axis dropped when stacked), possibly in Megatron's flattened-fragments form."""
-
-    fqn: str
-    layer: int | None  # index on the stacked axis, None: whole entry
-    shape: tuple[int, ...]  # the virtual tensor's shape
-    frags: tuple[int, ...] | None = None  # flattened form: fragments per parameter axis
-
-
 class MegatronDistSource(InventorySource):
     """A Megatron-core ``torch_dist`` checkpoint, unstacked and laid out canonically."""
 
@@ -159,7 +171,7 @@ class MegatronDistSource(InventorySource):
         self.spec_name = spec or DEFAULT_SPEC
         common_vars = self._read_common()
         self._reader = _reader_class()(self.iter_dir)
-        self._virtual: dict[str, _Virtual] = {}
+        self._virtual: dict[str, Virtual] = {}
         self._holders: dict[str, tuple[str, tuple[Piece, ...]]] = {}
         dcp_md = self._dcp_entries()
         explicit = resolve_variables(variables, self.root)
@@ -227,18 +239,21 @@ class MegatronDistSource(InventorySource):
         for fqn, item in md.state_dict_metadata.items():
             if isinstance(item, TensorStorageMetadata):
                 entries[fqn] = (dtype_name(item.properties.dtype), tuple(int(s) for s in item.size))
+                # a box no chunk covers would read as uninitialized memory: refuse up front
+                # (e.g. a stacked key that only some layers wrote)
+                written = sum(math.prod(c.sizes) for c in item.chunks)
+                if written != math.prod(item.size):
+                    raise SourceFormatError(
+                        f"{self.iter_dir}: {fqn!r}: its chunks hold {written} of "
+                        f"{math.prod(item.size)} elements of shape {list(item.size)} "
+                        "(partly written; not read)"
+                    )
             else:
                 self._skipped.append(fqn)
-        layers = _stack_depth(entries)
+        layers = stack_depth(entries)
         params = {k: v for k, v in entries.items() if not k.startswith("optimizer.")}
-        for fqn, (_, shape) in params.items():
-            if ".mlp.experts.experts." in fqn or ".mlp.experts.linear_fc" in fqn:
-                raise SourceFormatError(
-                    f"{self.iter_dir}: {fqn!r}: expert-parallel (MoE) torch_dist checkpoints "
-                    "are not read yet"
-                )
-            for key, v in _unstack(fqn, shape, layers, None):
-                self._virtual[key] = v
+        found: dict[str, list[tuple[str | None, Part]]] = {}
+        optim: list[tuple[str, str, str, tuple[int, ...] | None]] = []
         for fqn, (_, shape) in entries.items():
             if not fqn.startswith("optimizer."):
                 continue
@@ -249,15 +264,27 @@ class MegatronDistSource(InventorySource):
             pshape = params[pkey][1]
             frags = None
             if shape != pshape:
-                frags = _flattened_frags(shape, pshape)
+                frags = flattened_frags(shape, pshape)
                 if frags is None:
                     raise SourceFormatError(
                         f"{self.iter_dir}: optimizer tensor {fqn!r} has shape {list(shape)}, "
                         f"its parameter {list(pshape)} (neither the same nor Megatron's "
                         "flattened form)"
                     )
-            for key, v in _unstack(pkey, pshape, layers, frags, fqn):
-                self._virtual[f"optim.state.{key}.{OPTIM_KINDS[kind]}"] = v
+            optim.append((fqn, pkey, kind, frags))
+        try:
+            for fqn, (_, shape) in params.items():
+                for key, half, part in expand(fqn, shape, layers):
+                    found.setdefault(key, []).append((half, part))
+            for fqn, pkey, kind, frags in optim:
+                for key, half, part in expand(pkey, params[pkey][1], layers, frags, fqn):
+                    found.setdefault(f"optim.state.{key}.{OPTIM_KINDS[kind]}", []).append(
+                        (half, part)
+                    )
+            self._virtual = join_halves(found)
+            check_experts(self._virtual)
+        except SourceFormatError as e:
+            raise type(e)(f"{self.iter_dir}: {e}") from None
         return entries
 
     def _inventory(self, entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -265,16 +292,22 @@ class MegatronDistSource(InventorySource):
         param_of: dict[str, str] = {}
         for key, v in self._virtual.items():
             dtype = entries[v.fqn][0]
+            if any(entries[p.fqn][0] != dtype for p in v.parts):
+                raise SourceFormatError(
+                    f"{self.iter_dir}: {key!r}: the dtypes of {[p.fqn for p in v.parts]} differ"
+                )
             tensors[key] = torch.empty(v.shape, dtype=torch_dtype(dtype), device="meta")
             if key.startswith("optim.state."):
                 param_of[key] = key.removeprefix("optim.state.").rsplit(".", 1)[0]
         param_keys = [k for k in tensors if k not in param_of]
         shapes = {k: tuple(tensors[k].shape) for k in tensors}
-        variables = {**self.variables, "tp": 1, "pp": 1}
+        # one virtual rank holding every expert: ep=1, so experts keep their global index
+        variables = {**self.variables, "tp": 1, "pp": 1, "ep": 1}
         from ckptd.converters.spec import compile_spec, load_shipped  # see spec/__init__
 
         try:
-            spec = compile_spec(load_shipped(self.spec_name), variables, coords={"tp": 0, "pp": 0})
+            coords = {"tp": 0, "pp": 0, "ep": 0}
+            spec = compile_spec(load_shipped(self.spec_name), variables, coords=coords)
             layout = spec.layout_for(param_keys, {k: shapes[k] for k in param_keys})
             rl = build_rank_layout(FlatState(tensors=tensors, param_of=param_of), layout, 0)
         except (SpecError, LayoutError) as e:
@@ -305,23 +338,16 @@ class MegatronDistSource(InventorySource):
 
     # ---------------------------------------------------------------------- data
     def _read_virtual(self, key: str) -> torch.Tensor:
+        """Virtual tensor ``key``: each part's box read from DCP, parts joined on dim 0."""
         v = self._virtual[key]
-        dtype, full = self._dtype_shape(v.fqn)
-        if v.layer is None:
-            offsets, lengths = (0,) * len(full), full
-        else:
-            offsets, lengths = (v.layer,) + (0,) * (len(full) - 1), (1, *full[1:])
-        out = torch.empty(lengths, dtype=torch_dtype(dtype))
-        self._load_box(v.fqn, offsets, out)
-        if v.frags is not None:
-            pshape = (1, *v.shape) if v.layer is not None else v.shape
-            frags = (1, *v.frags[1:]) if v.layer is not None else v.frags
-            out = _unflatten(out, frags, pshape)
-        return out.reshape(v.shape)
-
-    def _dtype_shape(self, fqn: str) -> tuple[str, tuple[int, ...]]:
-        item = self._reader.read_metadata().state_dict_metadata[fqn]
-        return dtype_name(item.properties.dtype), tuple(int(s) for s in item.size)
+        out = []
+        for part in v.parts:
+            offsets, lengths = part.box()
+            dtype = self._reader.read_metadata().state_dict_metadata[part.fqn].properties.dtype
+            stored = torch.empty(lengths, dtype=dtype)
+            self._load_box(part.fqn, offsets, stored)
+            out.append(part.finish(stored))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
     def _load_box(self, fqn: str, offsets: tuple[int, ...], out: torch.Tensor) -> None:
         import torch.distributed.checkpoint as dcp
@@ -354,41 +380,6 @@ class MegatronDistSource(InventorySource):
 # -------------------------------------------------------------------- helpers
 
 
-def _stack_depth(entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> int | None:
-    """``num_layers``: the leading axis every stacked ``decoder.layers.X`` key shares."""
-    depths = {
-        shape[0]
-        for fqn, (_, shape) in entries.items()
-        if fqn.startswith(STACK_PREFIX) and not _LAYER_NUM.match(fqn[len(STACK_PREFIX) :]) and shape
-    }
-    if len(depths) > 1:
-        raise SourceFormatError(
-            f"stacked decoder.layers.* tensors disagree on num_layers: {depths}"
-        )
-    return depths.pop() if depths else None
-
-
-def _unstack(
-    pkey: str,
-    pshape: tuple[int, ...],
-    layers: int | None,
-    frags: tuple[int, ...] | None,
-    fqn: str | None = None,
-) -> list[tuple[str, _Virtual]]:
-    """Per-layer virtual tensors of parameter key ``pkey`` (stored as ``fqn``)."""
-    fqn = fqn or pkey
-    rest = pkey[len(STACK_PREFIX) :] if pkey.startswith(STACK_PREFIX) else None
-    if rest is None or _LAYER_NUM.match(rest) or layers is None:
-        return [(pkey, _Virtual(fqn, None, pshape, frags))]
-    if not frags and len(pshape) < 1:
-        raise SourceFormatError(f"{fqn!r}: a stacked tensor without a layer axis")
-    if frags is not None and frags[0] != layers:
-        raise SourceFormatError(f"{fqn!r}: flattened optimizer state not split per layer")
-    return [
-        (f"{STACK_PREFIX}{i}.{rest}", _Virtual(fqn, i, pshape[1:], frags)) for i in range(layers)
-    ]
-
-
 def _optim_parts(fqn: str) -> tuple[str | None, str]:
     if not fqn.startswith(OPTIM_PREFIX):
         return None, fqn
@@ -396,30 +387,10 @@ def _optim_parts(fqn: str) -> tuple[str | None, str]:
     return (kind if kind in OPTIM_KINDS else None), pkey
 
 
-def _flattened_frags(shape: tuple[int, ...], pshape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """Fragments per axis if ``shape`` is Megatron's ``(*fragments, local_numel)`` form."""
-    if len(shape) != len(pshape) + 1:
-        return None
-    frags = shape[:-1]
-    if any(f <= 0 or p % f for f, p in zip(frags, pshape, strict=True)):
-        return None
-    if math.prod(p // f for f, p in zip(frags, pshape, strict=True)) != shape[-1]:
-        return None
-    return tuple(frags)
-
-
-def _unflatten(x: torch.Tensor, frags: tuple[int, ...], full: tuple[int, ...]) -> torch.Tensor:
-    """``(*frags, n)`` (each fragment's local chunk flattened) back to ``full``."""
-    local = [s // f for s, f in zip(full, frags, strict=True)]
-    k = len(frags)
-    y = x.reshape(*frags, *local)
-    perm = [j for i in range(k) for j in (i, k + i)]
-    return y.permute(perm).reshape(full)
-
-
-def _derive_variables(virtual: Mapping[str, _Virtual], known: Mapping[str, int]) -> dict[str, int]:
+def _derive_variables(virtual: Mapping[str, Virtual], known: Mapping[str, int]) -> dict[str, int]:
     """Variables the shapes tell: hidden, layers, ffn, head_dim/kv_heads (given heads),
-    and ``vocab_multiple`` = the padded vocabulary rows (the padding is kept as found)."""
+    ``vocab_multiple`` = the padded vocabulary rows (the padding is kept as found), and
+    with experts ``experts`` and ``moe_ffn``."""
     out: dict[str, int] = {}
 
     def shape(key: str) -> tuple[int, ...] | None:
@@ -437,9 +408,23 @@ def _derive_variables(virtual: Mapping[str, _Virtual], known: Mapping[str, int])
     }
     if layer_ids:
         out["layers"] = max(layer_ids) + 1
-    fc1 = shape("decoder.layers.0.mlp.linear_fc1.weight")
+    # the first dense MLP's fc1 (layer 0 may be an MoE layer when they interleave)
+    fc1 = next((v.shape for k, v in sorted(virtual.items()) if _DENSE_FC1.match(k)), None)
     if fc1 is not None and fc1[0] % 2 == 0:
         out["ffn"] = fc1[0] // 2
+    experts: dict[str, set[int]] = {}
+    for k, v in virtual.items():
+        ix = expert_index(k)
+        if ix is None or k.startswith("optim."):
+            continue
+        experts.setdefault(ix[0], set()).add(ix[1])
+        if k.endswith(".linear_fc1.weight") and v.shape[0] % 2 == 0 and "moe_ffn" not in out:
+            out["moe_ffn"] = v.shape[0] // 2
+    if experts:
+        out["experts"] = max(len(found) for found in experts.values())
+        if "ffn" not in out and "ffn" not in known and "moe_ffn" in out:
+            # every MLP is an MoE layer: no rule uses ffn, but the spec declares it
+            out["ffn"] = out["moe_ffn"]
     proj = shape("decoder.layers.0.self_attention.linear_proj.weight")
     qkv = shape("decoder.layers.0.self_attention.linear_qkv.weight")
     heads = known.get("heads")
@@ -454,13 +439,16 @@ def _derive_variables(virtual: Mapping[str, _Virtual], known: Mapping[str, int])
 def _box_planner(fqn: str, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> Any:
     """A DCP load planner that reads only box (``offsets``, ``lengths``) of ``fqn``."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    class BoxLoadPlanner(DefaultLoadPlanner):  # type: ignore[misc]
+    class BoxLoadPlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
+            # set_up_planner gave the metadata; fqn is a tensor entry (see _dcp_entries)
+            assert self.metadata is not None
             md = self.metadata.state_dict_metadata[fqn]
+            assert isinstance(md, TensorStorageMetadata), fqn
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(lengths))
             return LoadPlan(create_read_items_for_chunk_list(fqn, md, [chunk]))
 
