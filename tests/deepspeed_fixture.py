@@ -24,7 +24,10 @@ Everything is saved with ``torch.save`` and loads with ``weights_only=True``.
 :class:`TinyModel` is the model whose state dict these checkpoints hold (:func:`forward`
 gives its logits for forward-equality checks). :func:`write_deepspeed_tp` writes a
 Megatron-DeepSpeed checkpoint at TP x DP (one ZeRO-2 checkpoint per mp rank, shards cut
-by hand as Megatron lays them out).
+by hand as Megatron lays them out). :func:`write_deepspeed_pipe` writes what a
+``PipelineModule`` engine saves at PP x TP x DP (per-layer weight files, per-stage ZeRO
+partitions): :data:`TINY_PIPE` (TinyModel as a pipeline, :func:`pipe_forward`) and
+:data:`GPT_PIPE` (Megatron-DeepSpeed's GPTModelPipe names, TP shards as Megatron cuts them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -375,6 +379,186 @@ def write_deepspeed_tp(root: Path, state: dict, *, tp: int, dp: int, step: int =
         for r in range(dp):
             osd = zero_optim_state([{k: parts[k][r] for k in kinds}],
                                    [pad if r == dp - 1 else 0], dp, 2, step)
+            torch.save(
+                {"optimizer_state_dict": osd, "ds_config": {}, "ds_version": DS_VERSION},
+                d / f"bf16_zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt",
+            )
+    return root
+
+
+# ---------------------------------------------------------------------------
+# Pipeline parallel (a DeepSpeed PipelineModule engine): per-layer weight files.
+
+
+@dataclass(frozen=True)
+class PipeLayer:
+    """One entry of a ``PipelineModule``'s layer list, at global index ``idx`` on ``stage``.
+
+    ``params``: (local name, how Megatron shards it over TP: see :func:`megatron_shard`);
+    ``tied``: the ``TiedLayerSpec`` key (its params are ``tied_modules.{key}.{local}``);
+    ``file``: whether ``save_state_dict`` writes a layer file for it (a function, or a
+    tied occurrence with ``forward_fn``, has no ``state_dict``).
+    """
+
+    idx: int
+    stage: int
+    params: tuple[tuple[str, str], ...] = ()
+    buffers: tuple[str, ...] = ()
+    tied: str | None = None
+    file: bool = True
+
+    def name(self, local: str) -> str:
+        """The ``PipelineModule`` name of the layer's tensor ``local``."""
+        return f"tied_modules.{self.tied}.{local}" if self.tied else f"{self.idx}.{local}"
+
+
+_R = "replica"
+# TinyModel as a 2-stage pipeline: tied embedding/head, a rope-buffer layer, fc1, gelu
+# (a function), fc2, norm (no residual: a pipeline is a sequence).
+TINY_PIPE = (
+    PipeLayer(0, 0, (("weight", _R),), tied="embed"),
+    PipeLayer(1, 0, buffers=("inv_freq",)),
+    PipeLayer(2, 0, (("weight", _R), ("bias", _R))),
+    PipeLayer(3, 0, file=False),
+    PipeLayer(4, 1, (("weight", _R), ("bias", _R))),
+    PipeLayer(5, 1, (("weight", _R), ("bias", _R))),
+    PipeLayer(6, 1, (("weight", _R),), tied="embed", file=False),
+)
+TINY_PIPE_SHAPES = {
+    "tied_modules.embed.weight": (11, 7), "1.inv_freq": (4,), "2.weight": (13, 7),
+    "2.bias": (13,), "4.weight": (7, 13), "4.bias": (7,), "5.weight": (7,), "5.bias": (7,),
+}  # fmt: skip
+
+# Megatron-DeepSpeed's GPTModelPipe (tied embedding, 2 blocks, final norm) over 2 stages.
+_MP_SHAPE = {n: s for n, s, _ in MP_PARAMS}
+_MP_HOW = {n: h for n, _, h in MP_PARAMS}
+_EMB = "language_model.embedding."
+_BLOCK = tuple((n.removeprefix(_L), h) for n, _, h in MP_PARAMS if n.startswith(_L))
+GPT_PIPE = (
+    PipeLayer(0, 0, (("word_embeddings.weight", "vocab"), ("position_embeddings.weight", _R)),
+              tied="embed"),
+    PipeLayer(1, 0, _BLOCK),
+    PipeLayer(2, 1, _BLOCK),
+    PipeLayer(3, 1, (("weight", _R), ("bias", _R))),
+    PipeLayer(4, 1, (("word_embeddings.weight", "vocab"),
+                     ("position_embeddings.weight", _R)), tied="embed", file=False),
+)  # fmt: skip
+GPT_PIPE_SHAPES = {
+    **{f"tied_modules.embed.{n}": _MP_SHAPE[_EMB + n] for n, _ in GPT_PIPE[0].params},
+    **{f"{i}.{n}": _MP_SHAPE[_L + n] for i in (1, 2) for n, _ in _BLOCK},
+    "3.weight": (8,), "3.bias": (8,),
+}  # fmt: skip
+
+
+def pipe_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
+    """Canonical fp32 masters and Adam moments per param of ``shapes``; ``*.inv_freq``
+    entries are buffers."""
+    g = torch.Generator().manual_seed(seed)
+    params, buffers = {}, {}
+    for name, shape in shapes.items():
+        if name.endswith(".inv_freq"):
+            buffers[name] = torch.rand(shape, generator=g)
+            continue
+        params[name] = {
+            "fp32": torch.randn(shape, generator=g),
+            "exp_avg": torch.randn(shape, generator=g) * 1e-2,
+            "exp_avg_sq": torch.rand(shape, generator=g) * 1e-4,
+        }
+    return {"params": params, "buffers": buffers}
+
+
+def pipe_forward(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the :data:`TINY_PIPE` model (float32) with ``weights`` (PipelineModule
+    names), on a fixed batch of token ids."""
+    w = {k: v.to(torch.float32) for k, v in weights.items()}
+    f = torch.nn.functional
+    ids = torch.tensor([[0, 3, 7, 10, 2, 5], [9, 1, 4, 4, 8, 6]])
+    emb = w["tied_modules.embed.weight"]
+    h = emb[ids]
+    pos = torch.arange(ids.shape[-1], dtype=h.dtype)[:, None] * w["1.inv_freq"][None]
+    h = h + f.pad(torch.sin(pos), (0, h.shape[-1] - pos.shape[-1]))
+    h = f.linear(f.gelu(f.linear(h, w["2.weight"], w["2.bias"])), w["4.weight"], w["4.bias"])
+    h = f.layer_norm(h, (h.shape[-1],), w["5.weight"], w["5.bias"])
+    return h @ emb.T
+
+
+def _stage_params(layers: tuple[PipeLayer, ...], stage: int) -> list[tuple[str, str]]:
+    """A stage's (param name, TP sharding), in ``named_parameters`` order: tied modules
+    first (``PipelineModule`` registers ``tied_modules`` before the layers), then layers."""
+    mine = [ly for ly in layers if ly.stage == stage]
+    out: dict[str, str] = {}
+    for ly in sorted(mine, key=lambda ly: ly.tied is None):
+        for local, how in ly.params:
+            out.setdefault(ly.name(local), how)
+    return list(out.items())
+
+
+def write_deepspeed_pipe(
+    root: Path,
+    state: dict,
+    layers: tuple[PipeLayer, ...],
+    *,
+    dp: int,
+    zero: int = 1,
+    tp: int = 1,
+    step: int = 5,
+    model_axis: bool = True,
+) -> Path:
+    """``state`` (from :func:`pipe_state`) as a PipelineModule engine saves it at PP x TP x
+    DP (bf16 weights, ZeRO-``zero``): per layer with a ``state_dict`` and TP rank
+    ``layer_{idx:02d}[-model_{tp:02d}]-model_states.pt``; per mp rank ``s * tp + t``
+    ``mp_rank_{mp:02d}_model_states.pt`` (``module`` None, the stage's ``param_shapes``)
+    and ``bf16_zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt`` (the stage's flat
+    partitions: two param groups, fp32 of the last rank without padding, the moments in
+    the torch optimizer's padded state dict, as DeepSpeed's non-elastic ``state_dict``)."""
+    tag = f"global_step{step}"
+    d = root / tag
+    d.mkdir(parents=True, exist_ok=True)
+    (root / "latest").write_text(tag)
+    pp = max(ly.stage for ly in layers) + 1
+    kinds = ("fp32", "exp_avg", "exp_avg_sq")
+    for s, t in ((s, t) for s in range(pp) for t in range(tp)):
+        mp = s * tp + t
+        local = {
+            n: {k: megatron_shard(state["params"][n][k], how, t, tp) for k in kinds}
+            for n, how in _stage_params(layers, s)
+        }
+        for ly in layers:
+            if ly.stage != s or not ly.file:
+                continue
+            sd = OrderedDict((n, local[ly.name(n)]["fp32"].to(MODEL_DTYPE)) for n, _ in ly.params)
+            sd.update((b, state["buffers"][ly.name(b)].clone()) for b in ly.buffers)
+            rank = f"-model_{t:02d}" if model_axis else ""
+            torch.save(sd, d / f"layer_{ly.idx:02d}{rank}-model_states.pt")
+        groups = [[n for n in local if local[n]["fp32"].dim() >= 2],
+                  [n for n in local if local[n]["fp32"].dim() < 2]]  # fmt: skip
+        groups = [g for g in groups if g]  # DeepSpeed drops param groups without params
+        ms = _model_states({"params": {}, "buffers": {}}, zero, dp, step)
+        ms.update(
+            module=None,
+            buffer_names=[ly.name(b) for ly in layers if ly.stage == s for b in ly.buffers],
+            param_shapes=[OrderedDict((n, local[n]["fp32"].shape) for n in g) for g in groups],
+            mp_world_size=pp * tp,
+            checkpoint_parallel_dimensions={"pp_degree": pp, "tp_degree": tp},
+        )
+        torch.save(ms, d / f"mp_rank_{mp:02d}_model_states.pt")
+        flat = {k: [zero2_partition(torch.cat([local[n][k].reshape(-1) for n in g]), dp)
+                    for g in groups] for k in kinds}  # fmt: skip
+        for r in range(dp):
+            paddings = []
+            for g in groups:
+                numel = sum(local[n]["fp32"].numel() for n in g)
+                paddings.append(math.ceil(numel / (2 * dp)) * 2 * dp - numel if r == dp - 1 else 0)
+            osd = zero_optim_state(
+                [{k: flat[k][gi][r] for k in kinds} for gi in range(len(groups))],
+                paddings, dp, zero, step,
+            )  # fmt: skip
+            key = "single_partition_of_fp32_groups"  # DeepSpeed saves them without padding
+            osd[key] = [f[: len(f) - n] for f, n in zip(osd[key], paddings)]
+            osd["base_optimizer_state"] = {
+                "state": dict(enumerate(osd["base_optimizer_state"])),
+                "param_groups": [{"lr": 1e-3, "params": [gi]} for gi in range(len(groups))],
+            }
             torch.save(
                 {"optimizer_state_dict": osd, "ds_config": {}, "ds_version": DS_VERSION},
                 d / f"bf16_zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt",

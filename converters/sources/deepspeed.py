@@ -7,7 +7,10 @@ Layout (DeepSpeed's engine; ``deepspeed/utils/zero_to_fp32.py`` reads the same):
 ``DIR`` or ``DIR/<tag>``; ``--step N`` picks the tag ``global_stepN``. With several
 model-parallel ranks (``mp_rank_01...``: Megatron-DeepSpeed with TP > 1), each rank is
 read as below and the TP shards are assembled by :mod:`.deepspeed_mp` with a reshard
-spec (``--spec``, default ``deepspeed_megatron``; model variables from ``--var``).
+spec (``--spec``, default ``deepspeed_megatron``; model variables from ``--var``). A
+``PipelineModule`` engine's checkpoint (``layer_*-model_states.pt`` files hold the weights;
+mp rank = stage * TP + tp rank) is read by :mod:`.deepspeed_pipe`. BF16_Optimizer files
+(bf16 with fp32 gradient accumulation; no ``zero_stage``) are partitioned as ZeRO-1.
 
 Tensors given (names follow ``ckpt.save``: ``model.<fqn>``, ``optim.state.<fqn>.<k>``):
 
@@ -25,14 +28,8 @@ Flat-range math. ZeRO-1/2: a param group's params lie back to back in one flat b
 into ``ceil(n / dp)`` elements per rank (the last rank's tail is padding), laid back to
 back in each rank's flat group.
 
-Safety: every file is read with ``torch.load(weights_only=True)`` only (no fallback).
-Real DeepSpeed files pickle a few DeepSpeed objects besides tensors (the loss scaler,
-``ZeroStageEnum``, ``fragment_address`` values of ``param_slice_mappings``); exactly
-those globals (:data:`DEEPSPEED_GLOBALS`) are mapped to inert stand-ins
-(:class:`DeepSpeedObject`) that only record their constructor arguments and state:
-no DeepSpeed code is imported or run. Any other global (``__reduce__`` payloads
-included) raises :class:`UnsafePickleError` naming the file and the global; a
-truncated or corrupt file raises :class:`SourceFormatError`.
+Safety: every file is read with ``torch.load(weights_only=True)`` only, DeepSpeed's
+pickled objects mapped to inert stand-ins (:mod:`.deepspeed_files`).
 
 Speed and memory: each file is unpickled once, on the meta device
 (``map_location="meta"``: structure, dtypes, shapes and each storage's offset in the
@@ -48,13 +45,10 @@ from __future__ import annotations
 import glob
 import math
 import os
-import pickle
 import re
-import threading
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -65,9 +59,20 @@ from ckptd.converters.sources.base import (
     SourceFormatError,
     SourceNotFoundError,
     TensorInfo,
-    advise_willneed,
     check_read,
     raw_bytes,
+)
+from ckptd.converters.sources.deepspeed_files import (  # noqa: F401 - re-exported
+    DEEPSPEED_GLOBALS,
+    STANDINS,
+    DeepSpeedObject,
+    FileReader,
+    Loc,
+    Span,
+    UnsafePickleError,
+    check_byteorder,
+    load_pt,
+    locate,
 )
 from ckptd.dtypes import dtype_name, torch_dtype
 
@@ -76,125 +81,6 @@ MODEL_GLOB = markers.DS_MODEL_GLOB
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MODEL_RE = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM_KINDS = ("fp32", "exp_avg", "exp_avg_sq")
-
-
-class UnsafePickleError(SourceFormatError):
-    """A ``.pt`` file needs more than ``torch.load(weights_only=True)`` allows (never run)."""
-
-
-#: The DeepSpeed globals that real ZeRO checkpoints pickle; each is unpickled into an
-#: inert :class:`DeepSpeedObject` subclass, never into DeepSpeed's class.
-DEEPSPEED_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-
-class DeepSpeedObject:
-    """Inert stand-in for a pickled DeepSpeed object: records ``args`` and ``state``.
-
-    ``args`` are what the pickle passed to the class (an enum's value), ``state`` what
-    it passed to ``__setstate__`` (an object's ``__dict__``). No behaviour beyond that.
-    """
-
-    qualname: ClassVar[str] = ""
-
-    def __new__(cls, *args: Any) -> DeepSpeedObject:
-        self = object.__new__(cls)
-        self.args = args
-        self.state: Any = None
-        return self
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __int__(self) -> int:  # ZeroStageEnum(2) pickles as the call with its value
-        if len(self.args) == 1 and isinstance(self.args[0], int):
-            return int(self.args[0])
-        raise TypeError(f"{self.qualname} stand-in has no integer value")
-
-    def __repr__(self) -> str:
-        return f"<{self.qualname} args={self.args!r} state={self.state!r}>"
-
-
-STANDINS: dict[str, type[DeepSpeedObject]] = {
-    q: type(q.rsplit(".", 1)[1], (DeepSpeedObject,), {"qualname": q, "__module__": __name__})
-    for q in DEEPSPEED_GLOBALS
-}
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def load_pt(path: str, *, meta: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` with the DeepSpeed stand-ins allowed.
-
-    ``meta``: tensors on the meta device, each storage carrying ``_checkpoint_offset``
-    (its byte offset in the file); otherwise memory-mapped CPU tensors. Errors are
-    typed and name ``path`` (and the refused global).
-    """
-    where: dict[str, Any] = {"map_location": "meta"} if meta else {"map_location": "cpu"}
-    allowed = [(cls, q) for q, cls in STANDINS.items()]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, weights_only=True, mmap=not meta, **where)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        m = _GLOBAL_RE.search(text)
-        what = f"global {m.group(1)}" if m else (text.strip().splitlines() or [type(e).__name__])[0]
-        raise UnsafePickleError(
-            f"{path}: refused to unpickle {what}: only tensors, containers and the "
-            f"DeepSpeed objects {', '.join(DEEPSPEED_GLOBALS)} are allowed (weights_only "
-            "load; nothing was executed). Convert only checkpoints written by DeepSpeed."
-        ) from e
-    except Exception as e:  # truncated zip, bad magic, I/O: no other way to read it
-        raise SourceFormatError(f"{path}: cannot read the torch file: {e}") from e
-
-
-@dataclass(frozen=True)
-class _Span:
-    """Bytes ``[lo, hi)`` of a tensor's raw data lie in ``path`` from byte ``offset``."""
-
-    path: str
-    offset: int
-    lo: int
-    hi: int
-
-
-@dataclass(frozen=True)
-class _Loc:
-    """A tensor's bytes in a ``.pt`` file: ``numel`` elements of ``dtype`` from ``offset``."""
-
-    path: str
-    offset: int
-    numel: int
-    dtype: torch.dtype
-
-
-def _locate(path: str, t: Any, size: int, what: str) -> _Loc:
-    """Where the meta tensor ``t`` (from ``load_pt(path, meta=True)``) lies in ``path``."""
-    if not isinstance(t, torch.Tensor):
-        raise SourceFormatError(f"{path}: {what} is not a tensor")
-    base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-    if base is None or not t.is_contiguous():
-        raise SourceFormatError(f"{path}: {what} is not a contiguous stored tensor")
-    off = int(base) + t.storage_offset() * t.element_size()
-    n = t.numel()
-    if off + n * t.element_size() > size:
-        raise SourceFormatError(f"{path}: {what} runs past the end of the file (truncated?)")
-    return _Loc(path, off, n, t.dtype)
-
-
-def _check_byteorder(path: str) -> None:
-    """Refuse archives written on a big-endian machine (bytes are read as they are)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            rec = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
-            order = z.read(rec).decode().strip() if rec else "little"
-    except (OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise SourceFormatError(f"{path}: cannot read the torch file: {e}") from e
-    if order != "little":
-        raise SourceFormatError(f"{path}: written {order}-endian; only little-endian is read")
 
 
 def _tag_dir(path: str, step: int | None) -> str:
@@ -260,8 +146,7 @@ class DeepSpeedSource(InventorySource):
             raise SourceNotFoundError(f"source {path!r} is not a directory")
         self.dir = _tag_dir(root, step)
         self._mp: Any = None  # a deepspeed_mp.MPAssembly with several mp ranks
-        self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
+        self._files = FileReader()
         by_mp: dict[int, list[str]] = {}
         for f in sorted(os.listdir(self.dir)):
             if m := MODEL_RE.match(f):
@@ -270,10 +155,13 @@ class DeepSpeedSource(InventorySource):
             raise SourceNotFoundError(f"{self.dir}: no *_model_states.pt")
         if sorted(by_mp) != list(range(len(by_mp))):
             raise SourceFormatError(f"{self.dir}: model files for mp ranks {sorted(by_mp)}")
+        # --spec also carries a DeepSpeed target's param-groups JSON: not a layout.
+        # At TP=1 --spec and --var are the target's (e.g. --to megatron): not used.
+        layout_spec = spec if spec and not spec.endswith(".json") else None
+        if mp_rank is None and markers.has_ds_layer_files(self.dir):
+            self._open_pipeline(path, step, workers, len(by_mp), variables, layout_spec)
+            return
         if mp_rank is None and len(by_mp) > 1:
-            # --spec also carries a DeepSpeed target's param-groups JSON: not a layout.
-            # At TP=1 --spec and --var are the target's (e.g. --to megatron): not used.
-            layout_spec = spec if spec and not spec.endswith(".json") else None
             self._open_model_parallel(path, step, workers, len(by_mp), variables, layout_spec)
             return
         self.mp_rank = mp_rank or 0
@@ -285,15 +173,21 @@ class DeepSpeedSource(InventorySource):
             (f for f in model_files if os.path.basename(f) == mp_name), model_files[0]
         )
         self.optim_files = self._optim_files()
-        self._locs: list[dict[str, list[_Loc]]] = []  # per rank: kind -> per group
+        self._locs: list[dict[str, list[Loc]]] = []  # per rank: kind -> per group
         ms = self._load_meta(self.model_file)
         module = _get(ms, "module", where=self.model_file)
-        shapes = ms.get("param_shapes") if isinstance(ms, dict) else None
-        self._ds_step = ms.get("global_steps") if isinstance(ms, dict) else None
+        self.has_module = module is not None  # None: a PipelineModule's (layer files)
+        if module is None and mp_rank is None:
+            raise SourceFormatError(f"{self.model_file}: module is None and no layer_* files")
+        meta = ms if isinstance(ms, dict) else {}
+        shapes, self._ds_step = meta.get("param_shapes"), meta.get("global_steps")
+        # pp_degree and tp_degree, where DeepSpeed records them (pipeline layouts)
+        self.parallel_dims = meta.get("checkpoint_parallel_dimensions")
         groups: list[list[tuple[str, tuple[int, ...]]]] = []
         if shapes is not None:
             shapes = shapes if isinstance(shapes, list) else [shapes]
             groups = [[(n, tuple(int(x) for x in s)) for n, s in g.items()] for g in shapes]
+        self._shapes = {n: s for g in groups for n, s in g}
         self.stage = 0
         self.dp = len(self.optim_files)
         self._params: dict[str, _Param] = {}
@@ -302,7 +196,7 @@ class DeepSpeedSource(InventorySource):
         if self.optim_files:
             self._index_optim(groups)
         self._module: dict[str, torch.Tensor] = {}  # meta tensors of ``module``
-        for k, v in module.items():
+        for k, v in (module or {}).items():
             if not isinstance(v, torch.Tensor):
                 self._skipped.append(f"model.{k}")
             elif v.numel() == 0 and k in self._params:  # ZeRO-3 placeholder
@@ -329,19 +223,47 @@ class DeepSpeedSource(InventorySource):
         """Open every mp rank on its own and assemble their TP shards (``.deepspeed_mp``)."""
         from ckptd.converters.sources.deepspeed_mp import MPAssembly
 
-        self._ranks = [DeepSpeedSource(path, step, workers, mp_rank=r) for r in range(tp)]
-        first = self._ranks[0]
+        ranks = [DeepSpeedSource(path, step, workers, mp_rank=r) for r in range(tp)]
+        self._ranks: list[Any] = list(ranks)  # what close() closes
+        first = ranks[0]
         self.model_file, self.optim_files = first.model_file, first.optim_files
         self.stage, self.dp, self._ds_step = first.stage, first.dp, first._ds_step
-        for r in self._ranks[1:]:
+        for r in ranks:
+            if not r.has_module:
+                raise SourceFormatError(f"{r.model_file}: module is None and no layer_* files")
             if (r.stage, r.dp) != (self.stage, self.dp):
                 raise SourceFormatError(
                     f"{r.model_file}: ZeRO-{r.stage} at dp={r.dp}, mp rank 0 has "
                     f"ZeRO-{self.stage} at dp={self.dp}"
                 )
-        self._mp = MPAssembly(self._ranks, spec, dict(variables or {}))
+        self._mp = MPAssembly(ranks, spec, dict(variables or {}))
         self._infos = dict(self._mp.infos)
         self._skipped = list(first.skipped())
+
+    def _open_pipeline(
+        self,
+        path: str,
+        step: int | None,
+        workers: int,
+        n_mp: int,
+        variables: Mapping[str, int] | None,
+        spec: str | None,
+    ) -> None:
+        """Open a PipelineModule checkpoint: layer files and per-stage ZeRO partitions,
+        assembled over stages (and TP ranks) by :mod:`.deepspeed_pipe`."""
+        from ckptd.converters.sources.deepspeed_pipe import PipeAssembly
+
+        stages = [DeepSpeedSource(path, step, workers, mp_rank=r) for r in range(n_mp)]
+        pipe = PipeAssembly(self.dir, stages, dict(variables or {}), spec)
+        self._ranks, self._mp, first = [*stages, pipe], pipe, stages[0]  # closed by close()
+        self.pp, self.tp = pipe.pp, pipe.tp
+        self.model_file, self.optim_files = first.model_file, first.optim_files
+        self.stage, self.dp, self._ds_step = pipe.stage, pipe.dp, first._ds_step
+        self._infos, self._skipped = dict(pipe.infos), pipe.skipped()
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``param_shapes`` of the model-states file, flattened over groups, in order."""
+        return dict(self._shapes)
 
     def _add(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         self._infos[name] = TensorInfo(name, dtype, shape)
@@ -365,7 +287,10 @@ class DeepSpeedSource(InventorySource):
         sizes: list[list[int]] = []  # per rank, per group: numel of the fp32 partition
         for r, f in enumerate(self.optim_files):
             osd = _get(self._load_meta(f), "optimizer_state_dict", where=f)
-            stage = int(_get(osd, "zero_stage", where=f))
+            # BF16_Optimizer (bf16 with fp32 gradient accumulation at ZeRO-1, the usual
+            # pipeline setup) saves no zero_stage; it partitions exactly as ZeRO-1 does.
+            bf16_opt = "zero_stage" not in osd and "single_partition_of_fp32_groups" in osd
+            stage = 1 if bf16_opt else int(_get(osd, "zero_stage", where=f))
             if r == 0:
                 self.stage = stage
             elif stage != self.stage:
@@ -381,14 +306,16 @@ class DeepSpeedSource(InventorySource):
                 )
             sizes.append([int(t.numel()) for t in flats])
             size = os.path.getsize(f)
-            locs: dict[str, list[_Loc]] = {}
+            locs: dict[str, list[Loc]] = {}
             for kind in OPTIM_KINDS:
                 ts = self._kind_list(osd, kind, f)
                 got = [int(t.numel()) for t in ts]
-                if got != sizes[-1]:
-                    raise SourceFormatError(f"{f}: {kind} partitions {got} != fp32 {sizes[-1]}")
+                # A non-elastic state dict keeps the last rank's moments padded (the torch
+                # optimizer's own state), its fp32 partitions without padding: longer is ok.
+                if len(got) != len(sizes[-1]) or any(a < b for a, b in zip(got, sizes[-1])):
+                    raise SourceFormatError(f"{f}: {kind} partitions {got} < fp32 {sizes[-1]}")
                 locs[kind] = [
-                    _locate(f, t, size, f"{kind} partition of group {g}") for g, t in enumerate(ts)
+                    locate(f, t, size, f"{kind} partition of group {g}") for g, t in enumerate(ts)
                 ]
             self._locs.append(locs)
             if r == 0:
@@ -446,7 +373,7 @@ class DeepSpeedSource(InventorySource):
         s = self._group_states(osd, self.optim_files[0])[g].get("step")
         if isinstance(s, torch.Tensor):  # a meta tensor: read its one value
             f = self.optim_files[0]
-            loc = _locate(f, s, os.path.getsize(f), f"group {g} step")
+            loc = locate(f, s, os.path.getsize(f), f"group {g} step")
             if loc.numel != 1:
                 raise SourceFormatError(f"{f}: group {g} step has {loc.numel} elements")
             out = torch.empty(1, dtype=loc.dtype)
@@ -496,14 +423,15 @@ class DeepSpeedSource(InventorySource):
     def prefetch(self, name: str, start: int, nbytes: int) -> None:
         """``posix_fadvise(WILLNEED)`` on the file ranges under the bytes asked for next."""
         if self._mp is not None:
-            return  # the local tensors are read whole, rank by rank
+            self._mp.prefetch(name, start, nbytes)
+            return
         spans = self._spans(name) if hasattr(os, "posix_fadvise") else None
         for sp in spans or ():
             lo, hi = max(sp.lo, start), min(sp.hi, start + nbytes)
             if lo < hi:
-                advise_willneed(self._fd(sp.path), sp.offset + lo - sp.lo, hi - lo)
+                self._files.advise(sp.path, sp.offset + lo - sp.lo, hi - lo)
 
-    def _read_spans(self, name: str, spans: list[_Span], start: int, out: memoryview) -> None:
+    def _read_spans(self, name: str, spans: list[Span], start: int, out: memoryview) -> None:
         end = start + out.nbytes
         if not 0 <= start <= end <= self._infos[name].nbytes:
             raise PlanError(f"byte range [{start}, {end}) outside tensor {name!r}")
@@ -512,7 +440,7 @@ class DeepSpeedSource(InventorySource):
             if lo < hi:
                 self._pread(sp.path, sp.offset + lo - sp.lo, out[lo - start : hi - start])
 
-    def _spans(self, name: str) -> list[_Span] | None:
+    def _spans(self, name: str) -> list[Span] | None:
         """Where the raw bytes of ``name`` lie in the files (they tile the tensor), or
         None if they cannot be read as byte ranges (a step value, a strided view)."""
         if name.startswith("model."):
@@ -523,12 +451,12 @@ class DeepSpeedSource(InventorySource):
             if not m.is_contiguous():
                 return None
             size = os.path.getsize(self.model_file)
-            loc = _locate(self.model_file, m, size, f"module[{fqn!r}]")
-            return [_Span(loc.path, loc.offset, 0, loc.numel * m.element_size())]
+            loc = locate(self.model_file, m, size, f"module[{fqn!r}]")
+            return [Span(loc.path, loc.offset, 0, loc.numel * m.element_size())]
         fqn, kind = name.removeprefix("optim.state.").rsplit(".", 1)
         return None if kind == "step" else self._flat_spans(self._params[fqn], kind)
 
-    def _flat_spans(self, p: _Param, kind: str) -> list[_Span]:
+    def _flat_spans(self, p: _Param, kind: str) -> list[Span]:
         """``p``'s ``kind`` in the flat partitions of the ranks that hold a part of it."""
         n = math.prod(p.shape)
         if self.stage == 3:
@@ -551,38 +479,21 @@ class DeepSpeedSource(InventorySource):
                     f"{dtype_name(loc.dtype)}[{loc.numel}], param {p.name!r} needs float32 "
                     f"up to {src_off + hi - lo}"
                 )
-            spans.append(_Span(loc.path, loc.offset + 4 * src_off, 4 * lo, 4 * hi))
+            spans.append(Span(loc.path, loc.offset + 4 * src_off, 4 * lo, 4 * hi))
         return spans
 
     def _load_meta(self, path: str) -> Any:
-        _check_byteorder(path)
+        check_byteorder(path)
         return load_pt(path, meta=True)
 
-    def _fd(self, path: str) -> int:
-        """A read-only descriptor of ``path``, opened once (closed by :meth:`close`)."""
-        with self._fd_lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            return fd
-
     def _pread(self, path: str, offset: int, view: memoryview) -> None:
-        """Fill ``view`` with the bytes of ``path`` from ``offset``."""
-        fd = self._fd(path)
-        done = 0
-        while done < view.nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise SourceFormatError(f"{path}: ends inside a tensor (truncated?)")
-            done += n
+        """Fill ``view`` with the bytes of ``path`` from ``offset`` (one place for reads)."""
+        self._files.pread(path, offset, view)
 
     def close(self) -> None:
         for r in getattr(self, "_ranks", ()):
             r.close()
-        with self._fd_lock:
-            fds, self._fds = list(self._fds.values()), {}
-        for fd in fds:
-            os.close(fd)
+        self._files.close()
 
     def fingerprint(self) -> str:
         files = [os.path.join(self.dir, f) for f in sorted(os.listdir(self.dir))]

@@ -67,11 +67,15 @@ class MPAssembly:
         ranks: Sequence[RankReader],
         spec: str | None,
         variables: Mapping[str, int],
+        labels: Sequence[str] | None = None,
     ) -> None:
+        """Plan the assembly: ``ranks[i]`` holds TP rank ``i``'s local tensors; ``labels``
+        name them in errors (default ``mp_rank_{i:02d}``, the files of TP rank ``i``)."""
         from ckptd.converters.sources.megatron import spec_source
         from ckptd.converters.spec import compile_spec
 
         self.ranks = list(ranks)
+        self.labels = list(labels or (f"mp_rank_{i:02d}" for i in range(len(self.ranks))))
         self.spec_name = spec or DEFAULT_SPEC
         self.variables = {**dict(variables), "tp": len(self.ranks)}
         self.infos: dict[str, TensorInfo] = {}
@@ -102,7 +106,7 @@ class MPAssembly:
                 rl = build_rank_layout(FlatState(tensors=tensors, param_of=param_of), layout, idx)
             except (SpecError, LayoutError) as e:
                 raise SourceFormatError(
-                    f"{rank.dir} (mp_rank_{idx:02d}): spec {self.spec_name!r} with variables "
+                    f"{rank.dir} ({self.labels[idx]}): spec {self.spec_name!r} with variables "
                     f"{self.variables}: {e} (pass the model variables: --var heads=.. ...)"
                 ) from None
             policies = dict(layout.policies)
@@ -118,9 +122,9 @@ class MPAssembly:
                     prev = self.infos.setdefault(out, info)
                     if prev != info:
                         raise SourceFormatError(
-                            f"{rank.dir} (mp_rank_{idx:02d}): tensor {out!r} is "
+                            f"{rank.dir} ({self.labels[idx]}): tensor {out!r} is "
                             f"{info.dtype}{list(info.shape)} here, {prev.dtype}"
-                            f"{list(prev.shape)} on another mp rank"
+                            f"{list(prev.shape)} on another TP rank"
                         )
                     self._holders.setdefault(out, []).append((idx, local_name[entry.key], (pc,)))
 
@@ -159,7 +163,7 @@ class MPAssembly:
                 local = self._local(name, idx, key)
                 if dtype_name(local.dtype) != info.dtype:
                     raise SourceFormatError(
-                        f"{self.ranks[idx].dir}: mp_rank_{idx:02d} {key!r} is {local.dtype}, "
+                        f"{self.ranks[idx].dir}: {self.labels[idx]} {key!r} is {local.dtype}, "
                         f"planned {info.dtype}"
                     )
                 src = piece_view(local, p)[inter.shift(p.global_box.offsets, -1).slices()]
@@ -174,8 +178,8 @@ class MPAssembly:
                 policy = self._policies[idx].get(key) or "check_equal"
                 if policy == "check_equal" and not torch.equal(dst, src):
                     raise SourceFormatError(
-                        f"{self.ranks[idx].dir}: tensor {name!r}: the copy in mp_rank_{idx:02d} "
-                        f"({key!r}) differs from mp_rank_{first:02d}'s (replicate policy "
+                        f"{self.ranks[idx].dir}: tensor {name!r}: the copy in {self.labels[idx]} "
+                        f"({key!r}) differs from {self.labels[first]}'s (replicate policy "
                         "check_equal; use take_first in the spec to keep the first)"
                     )
                 if policy not in ("check_equal", "take_first"):
@@ -185,10 +189,13 @@ class MPAssembly:
                     )
         if covered != box.numel:
             raise SourceFormatError(
-                f"{self.ranks[0].dir}: tensor {name!r}: the mp ranks cover {covered} of "
+                f"{self.ranks[0].dir}: tensor {name!r}: the TP ranks cover {covered} of "
                 f"{box.numel} elements of {box}"
             )
         return out
+
+    def prefetch(self, name: str, start: int, nbytes: int) -> None:
+        """Nothing to advise: the local tensors are read whole, rank by rank."""
 
     def fingerprint(self) -> str:
         """What the assembly depends on besides the files: spec and variables."""

@@ -19,6 +19,8 @@ from ckptd.formats import commit as commit_mod
 # DeepSpeed: DIR/latest names the tag; DIR/<tag>/*_model_states.pt
 DS_LATEST = "latest"
 DS_MODEL_GLOB = "*_model_states.pt"
+# DeepSpeed PipelineModule: DIR/<tag>/layer_{idx:02d}[-model_{tp:02d}]-model_states.pt
+DS_LAYER_GLOB = "layer_*-model_states.pt"
 # Megatron legacy: ROOT/latest_checkpointed_iteration.txt, iter_NNNNNNN/mp_rank_TT[_PPP][_EEE]/
 # (Megatron-LM's get_checkpoint_name: _PPP with pipeline parallelism, _EEE with experts)
 MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
@@ -85,6 +87,12 @@ def is_deepspeed(path: str) -> bool:
         return False
     d = os.path.join(p, tag)
     return bool(tag) and bool(glob.glob(os.path.join(glob.escape(d), DS_MODEL_GLOB)))
+
+
+def has_ds_layer_files(tag_dir: str) -> bool:
+    """A DeepSpeed tag directory written by a PipelineModule engine (per-layer files;
+    its ``mp_rank_*_model_states.pt`` hold no weights): read as ``deepspeed`` too."""
+    return bool(glob.glob(os.path.join(glob.escape(tag_dir), DS_LAYER_GLOB)))
 
 
 def is_megatron(path: str) -> bool:
