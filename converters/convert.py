@@ -198,9 +198,13 @@ def build_plan(
     Raises :class:`PlanError` if two source tensors map to one target name or a target
     name is invalid for the target format.
     """
+    dropped: list[str] = []
+    if weights_only:  # before the name map: a weights map need not cover optimizer state
+        dropped = [t.name for t in inventory if _is_optim(t.name)]
+        inventory = [t for t in inventory if not _is_optim(t.name)]
     mapped = (name_map or NameMap()).map_inventory(inventory, variables)
     kept: list[tuple[str, TensorInfo, tuple[Segment, ...]]] = []
-    dropped: list[str] = list(mapped.dropped)
+    dropped += mapped.dropped
     seen: dict[str, str] = {}
     for m in mapped.tensors:
         new, src = m.target.name, "+".join(m.sources)

@@ -596,3 +596,21 @@ def test_fp32_moe_optimizer_is_chained_dense_then_experts(tmp_path):
     got = read_universal(str(tmp_path / "u"))
     assert got.keys() == full.keys()
     assert all(torch.equal(got[n], t) for n, t in full.items())
+
+
+def test_weights_only_drops_optimizer_state_before_the_name_map(megatron_with_optimizer,
+                                                                tmp_path):
+    """A weights name map (HF LLaMA) has no rules for optimizer state: --weights-only
+    drops it first instead of failing the map's coverage check."""
+    from ckptd.converters.sources.namemap import load_name_map
+
+    meg, (weights, _, _) = megatron_with_optimizer
+    hf_map = load_name_map("reverse:hf_llama_to_megatron")
+    convert(str(meg), str(tmp_path / "hf"), ConvertOptions(
+        target_format="hf", name_map=hf_map, weights_only=True, variables=EXPLICIT))  # fmt: skip
+    convert(str(tmp_path / "hf"), str(tmp_path / "back"), ConvertOptions(
+        name_map=load_name_map("hf_llama_to_megatron"), variables=EXPLICIT))  # fmt: skip
+    back = read_universal(str(tmp_path / "back"))
+    assert set(back) == set(weights)
+    for k, v in weights.items():
+        assert torch.equal(back[k], v), k
