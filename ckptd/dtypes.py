@@ -62,8 +62,13 @@ def _name_table() -> dict[torch.dtype, str]:
     return {v: k for k, v in _torch_table().items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """Canonical name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``); a name is
+    returned as it is (metadata read without torch carries names)."""
+    if isinstance(dtype, str):
+        if dtype in _ITEMSIZE:
+            return dtype
+        raise UnsupportedDtypeError(f"dtype {dtype} is not supported by the format")
     try:
         return _name_table()[dtype]
     except KeyError:

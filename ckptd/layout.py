@@ -22,8 +22,9 @@ import torch
 from ckptd.dtypes import dtype_name
 from ckptd.errors import InvalidKeyError, LayoutError
 from ckptd.fragments import LocalEntry, RankLayout, TensorMeta
+from ckptd.keys import validate_state_key
 from ckptd.placements import Block, Placement, Replicated
-from ckptd.statedict import FlatState, validate_state_key
+from ckptd.statedict import FlatState
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor

@@ -21,7 +21,8 @@ from typing import Any, cast
 
 import torch
 
-from ckptd.errors import CkptError, InvalidKeyError
+from ckptd.errors import CkptError
+from ckptd.keys import validate_state_key
 from ckptd.rng import RNGState
 
 JSON_TYPES = (str, int, float, bool, type(None))
@@ -57,19 +58,6 @@ class FlatState:
         """Call ``load_state_dict`` on Stateful objects after their values were filled."""
         for fn in self._finalizers:
             fn()
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def validate_state_key(key: str) -> str:
-    """Reject keys that cannot name a tensor safely (empty parts, ``/``, NUL, ``..``).
-
-    Cached: a trainer saves the same keys every time, and this runs in the stall.
-    """
-    if not key or any(c in key for c in ("/", "\\", "\x00")) or any(ord(c) < 32 for c in key):
-        raise InvalidKeyError(f"state key {key!r} contains '/', '\\\\', NUL or a control char")
-    if key.startswith(".") or key.endswith(".") or ".." in key or key.startswith("__"):
-        raise InvalidKeyError(f"state key {key!r} has an empty part or starts with '__'")
-    return key
 
 
 def flatten_state(state: dict[str, Any]) -> FlatState:

@@ -25,9 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptd.converters.sources import open_source
 from ckptd.converters.sources.base import (
@@ -39,6 +37,9 @@ from ckptd.converters.sources.base import (
 )
 from ckptd.converters.sources.namemap import Assembler, NameMap, NameMapLike, Segment
 from ckptd.converters.targets import Existing, Target, TargetOptions, open_target
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 OPTIM_PREFIXES = ("optim.", "optimizer.")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)

@@ -47,9 +47,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptd.chunking import ChunkGrid, choose_chunk_shape
 from ckptd.dtypes import dtype_name, itemsize_of, torch_dtype
@@ -67,8 +65,11 @@ from ckptd.formats.manifest import (
 from ckptd.formats.storage import ObjectNotFoundError, Storage
 from ckptd.formats.writer import CheckpointWriter, StagingPool, WriterOptions, is_packed
 from ckptd.fragments import Box
+from ckptd.keys import validate_state_key
 from ckptd.planner import PlanOptions
-from ckptd.statedict import validate_state_key
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 PROGRESS_NAME = ".convert-progress.json"
 PROGRESS_VERSION = 1
@@ -121,8 +122,23 @@ def tensor_record(
     plan_options: PlanOptions,
 ) -> TensorRecord:
     """The record (without chunks) of a whole tensor written as one piece."""
-    dtype = dtype_name(tensor.dtype)
     shape = tuple(int(s) for s in tensor.shape)
+    return bytes_record(
+        name, dtype_name(tensor.dtype), shape, _bytes_view(tensor), policy, writer_options,
+        plan_options,
+    )
+
+
+def bytes_record(
+    name: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    raw: memoryview,
+    policy: CodecPolicy,
+    writer_options: WriterOptions,
+    plan_options: PlanOptions,
+) -> TensorRecord:
+    """:func:`tensor_record` of a tensor given as its raw bytes (``dtype``, row-major)."""
     cshape, _ = choose_chunk_shape(
         shape,
         itemsize_of(dtype),
@@ -132,7 +148,7 @@ def tensor_record(
     )
     codec = policy.codec
     if codec == "auto":
-        codec = policy.choose(*sample_sizes(_bytes_view(tensor), policy.level))
+        codec = policy.choose(*sample_sizes(raw, policy.level))
     packed = is_packed(shape, dtype, writer_options)
     return TensorRecord(name, dtype, shape, cshape, codec, policy.level, packed, ())
 
@@ -166,6 +182,8 @@ def chunk_ranges(
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
+    import torch
+
     flat = t.detach().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
@@ -352,16 +370,29 @@ class UniversalWriter:
             self.plan_options.min_aligned_chunk_bytes,
         )
         ranges = chunk_ranges(shape, cshape, size)
-        if nbytes == 0 or ranges is None or is_packed(shape, dtype, self.writer_options):
+        if ranges is None and nbytes and not is_packed(shape, dtype, self.writer_options):
+            import torch  # chunks that are not byte ranges: cut from a whole tensor
+
             t = torch.empty(shape, dtype=torch_dtype(dtype))
-            if nbytes:
-                read(0, _bytes_view(t))
+            read(0, _bytes_view(t))
             self.add(name, t)
             return
         validate_state_key(name)
         validate_key(name)
         if self.is_done(name):
             raise InvalidKeyError(f"tensor {name!r} was already written to step {self.step}")
+        if nbytes == 0 or is_packed(shape, dtype, self.writer_options) or ranges is None:
+            # small: one chunk in a pack, read whole (as add() writes it, without torch)
+            raw = memoryview(bytearray(nbytes))
+            if nbytes:
+                read(0, raw)
+            rec = bytes_record(name, dtype, shape, raw, self.policy, self.writer_options,
+                               self.plan_options)  # fmt: skip
+            window = self._open_window(rec)
+            if nbytes:
+                window.submit(rec, tuple(0 for _ in shape), raw)
+            self._added(nbytes)
+            return
         codec = self.policy.codec
         if codec == "auto":  # the same sample tensor_record takes from a whole tensor
             start, n = sample_window(nbytes)

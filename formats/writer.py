@@ -22,15 +22,17 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from ckptd.dtypes import torch_dtype
+from ckptd.dtypes import itemsize_of
 from ckptd.formats.chunkcodec import CodecPolicy, crc32c, encode
 from ckptd.formats.commit import step_dir
 from ckptd.formats.manifest import ChunkRecord, TensorRecord
 from ckptd.formats.storage import Storage
 from ckptd.formats.zarr_meta import array_metadata_bytes
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 PACK_TARGET_BYTES = 64 << 20
 
@@ -48,16 +50,18 @@ class WriterOptions:
 
 
 def tensor_nbytes(rec: TensorRecord) -> int:
-    return math.prod(rec.shape) * torch_dtype(rec.dtype).itemsize
+    return math.prod(rec.shape) * itemsize_of(rec.dtype)
 
 
 def is_packed(shape: tuple[int, ...], dtype: str, options: WriterOptions) -> bool:
     """Small tensors go into packs (whole tensor = one chunk, metadata in the manifest)."""
-    return math.prod(shape) * torch_dtype(dtype).itemsize <= options.small_tensor_bytes
+    return math.prod(shape) * itemsize_of(dtype) <= options.small_tensor_bytes
 
 
 def chunk_bytes(chunk: torch.Tensor, chunk_shape: tuple[int, ...]) -> memoryview:
     """Little-endian C-order bytes of a chunk, padded to the full chunk shape (zarr rule)."""
+    import torch
+
     if tuple(chunk.shape) != tuple(chunk_shape):
         full = torch.zeros(chunk_shape, dtype=chunk.dtype)
         full[tuple(slice(0, n) for n in chunk.shape)].copy_(chunk)
@@ -169,14 +173,20 @@ class CheckpointWriter:
         by :meth:`finish`, durable with the chunks."""
         self._metadata.append(rec)
 
-    def submit(self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor) -> None:
-        """Queue one chunk (its data must stay valid until :meth:`finish` returns).
+    def submit(
+        self, rec: TensorRecord, index: tuple[int, ...], chunk: torch.Tensor | memoryview
+    ) -> None:
+        """Queue one chunk (its data must stay valid until :meth:`finish` returns): a
+        tensor, or its stored raw bytes (C order, padded to the full chunk shape).
 
         Chunks of packed (small) tensors are encoded here, in the caller's order, so that
         a pack's layout does not depend on thread timing: the same save writes the same
         bytes (they are at most ``small_tensor_bytes`` each, so this is cheap).
         """
-        nbytes = chunk.numel() * chunk.element_size()
+        if isinstance(chunk, memoryview):
+            nbytes = chunk.nbytes
+        else:
+            nbytes = chunk.numel() * chunk.element_size()
         if rec.packed:
             with self._budget:
                 self._inflight += nbytes

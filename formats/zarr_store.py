@@ -37,10 +37,9 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.abc.store import (
     ByteRequest,
@@ -59,6 +58,9 @@ from ckptd.formats.manifest import GROUP_META_KEY, Manifest
 from ckptd.formats.reader import CheckpointReader
 from ckptd.formats.storage import ObjectNotFoundError, Storage, open_storage
 from ckptd.formats.zarr_meta import array_metadata_bytes
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 __all__ = ["CheckpointStore", "open_zarr", "read_tensor"]
 
@@ -313,6 +315,8 @@ def open_zarr(
 
 def read_tensor(array: zarr.Array) -> torch.Tensor:
     """Read a whole array as a torch tensor in its real dtype (attribute ``ckpt_dtype``)."""
+    import torch
+
     data = np.array(array[...], order="C", copy=True)  # writable, C order, 0-d kept
     dtype = array.attrs.get("ckpt_dtype")
     tensor = torch.from_numpy(data)

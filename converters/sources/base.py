@@ -25,13 +25,14 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptd.dtypes import itemsize_of, torch_dtype
 from ckptd.errors import CkptError
 from ckptd.fragments import Box, flat_range_to_boxes
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 Shape = tuple[int, ...]
 
@@ -183,6 +184,8 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
     """Little-endian bytes of a CPU tensor, without a copy if it is contiguous."""
     if sys.byteorder != "little":
         raise SourceFormatError("ckpt-convert reads and writes raw tensor bytes little-endian")
+    import torch
+
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
@@ -217,6 +220,8 @@ def read_range_by_boxes(
         raise PlanError(f"byte range [{start}, {end}) outside tensor {info.name!r}")
     if end == start:
         return
+    import torch
+
     first, last = start // size, -(-end // size)
     part = torch.empty(last - first, dtype=torch_dtype(info.dtype))
     for off, box in flat_range_to_boxes(info.shape, first, last):

@@ -48,9 +48,9 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ckptd.converters.sources import markers
 from ckptd.converters.sources.base import (
@@ -74,7 +74,11 @@ from ckptd.converters.sources.deepspeed_files import (  # noqa: F401 - re-export
     load_pt,
     locate,
 )
-from ckptd.dtypes import dtype_name, torch_dtype
+from ckptd.converters.sources.torchfile import MetaTensor, is_tensor
+from ckptd.dtypes import dtype_name, numpy_storage_dtype, torch_dtype
+
+if TYPE_CHECKING:  # imported where used: a DeepSpeed -> HF conversion never needs it
+    import torch
 
 LATEST = markers.DS_LATEST
 MODEL_GLOB = markers.DS_MODEL_GLOB
@@ -195,9 +199,9 @@ class DeepSpeedSource(InventorySource):
         self._parts: list[int] = []  # per group: numel of each rank's partition
         if self.optim_files:
             self._index_optim(groups)
-        self._module: dict[str, torch.Tensor] = {}  # meta tensors of ``module``
+        self._module: dict[str, MetaTensor] = {}  # meta tensors of ``module``
         for k, v in (module or {}).items():
-            if not isinstance(v, torch.Tensor):
+            if not is_tensor(v):
                 self._skipped.append(f"model.{k}")
             elif v.numel() == 0 and k in self._params:  # ZeRO-3 placeholder
                 self._add(f"model.{k}", "float32", self._params[k].shape)
@@ -347,7 +351,7 @@ class DeepSpeedSource(InventorySource):
                     f"match param_shapes ({off} elements, ZeRO-{self.stage}, dp={self.dp})"
                 )
 
-    def _kind_list(self, osd: Any, kind: str, where: str) -> list[torch.Tensor]:
+    def _kind_list(self, osd: Any, kind: str, where: str) -> list[MetaTensor]:
         """Per group, this rank's flat partition of ``kind``."""
         if kind == "fp32":
             key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
@@ -355,7 +359,7 @@ class DeepSpeedSource(InventorySource):
         else:
             states = self._group_states(osd, where)
             out = [_get(s, kind, where=where) for s in states]
-        if not all(isinstance(t, torch.Tensor) for t in out):
+        if not all(is_tensor(t) for t in out):
             raise SourceFormatError(f"{where}: {kind} partitions are not tensors")
         return list(out)
 
@@ -371,14 +375,16 @@ class DeepSpeedSource(InventorySource):
 
     def _group_step(self, osd: Any, g: int) -> Any:
         s = self._group_states(osd, self.optim_files[0])[g].get("step")
-        if isinstance(s, torch.Tensor):  # a meta tensor: read its one value
+        if is_tensor(s):  # a meta tensor: read its one value
             f = self.optim_files[0]
             loc = locate(f, s, os.path.getsize(f), f"group {g} step")
             if loc.numel != 1:
                 raise SourceFormatError(f"{f}: group {g} step has {loc.numel} elements")
-            out = torch.empty(1, dtype=loc.dtype)
-            self._pread(f, loc.offset, raw_bytes(out))
-            s = out
+            if loc.dtype not in ("float64", "float32", "float16", "int64", "int32"):
+                raise SourceFormatError(f"{f}: group {g} step is {loc.dtype}")
+            out = np.empty(1, numpy_storage_dtype(loc.dtype))
+            self._pread(f, loc.offset, memoryview(out).cast("B"))
+            s = out[0].item()
         return None if s is None else float(s)
 
     @classmethod
@@ -390,6 +396,8 @@ class DeepSpeedSource(InventorySource):
         return int(self._ds_step) if isinstance(self._ds_step, int) else None
 
     def read(self, name: str) -> torch.Tensor:
+        import torch
+
         if self._mp is not None:
             return check_read(self._infos[name], self._mp.read(name), self.dir)
         info = self._infos[name]
@@ -415,10 +423,16 @@ class DeepSpeedSource(InventorySource):
             self._mp.read_range(name, start, out)
             return
         spans = self._spans(name)
-        if spans is None:
-            super().read_range(name, start, out)
-        else:
+        if spans is not None:
             self._read_spans(name, spans, start, out)
+        elif name.startswith("optim.state."):  # a param group's step: a float32 scalar
+            fqn = name.removeprefix("optim.state.").rsplit(".", 1)[0]
+            raw = np.float32(self._steps[self._params[fqn].group]).tobytes()
+            if not 0 <= start <= start + out.nbytes <= len(raw):
+                raise PlanError(f"byte range [{start}, {start + out.nbytes}) outside {name!r}")
+            out[:] = raw[start : start + out.nbytes]
+        else:
+            super().read_range(name, start, out)  # a strided view: read whole
 
     def prefetch(self, name: str, start: int, nbytes: int) -> None:
         """``posix_fadvise(WILLNEED)`` on the file ranges under the bytes asked for next."""
@@ -473,10 +487,10 @@ class DeepSpeedSource(InventorySource):
             if hi <= lo:
                 continue
             loc = self._locs[r][kind][p.group]
-            if loc.dtype != torch.float32 or src_off + hi - lo > loc.numel:
+            if loc.dtype != "float32" or src_off + hi - lo > loc.numel:
                 raise SourceFormatError(
                     f"{loc.path}: {kind} partition of group {p.group} is "
-                    f"{dtype_name(loc.dtype)}[{loc.numel}], param {p.name!r} needs float32 "
+                    f"{loc.dtype}[{loc.numel}], param {p.name!r} needs float32 "
                     f"up to {src_off + hi - lo}"
                 )
             spans.append(Span(loc.path, loc.offset + 4 * src_off, 4 * lo, 4 * hi))

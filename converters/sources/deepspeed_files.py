@@ -1,6 +1,7 @@
 """Reading DeepSpeed ``.pt`` files safely, and finding tensors' bytes in them.
 
-Safety: every file is read with ``torch.load(weights_only=True)`` only (no fallback).
+Safety: every file is read as ``torch.load(weights_only=True)`` reads it (its allowlist
+of globals; never a fallback to full unpickling).
 Real DeepSpeed files pickle a few DeepSpeed objects besides tensors (the loss scaler,
 ``ZeroStageEnum``, ``fragment_address`` values of ``param_slice_mappings``); exactly
 those globals (:data:`DEEPSPEED_GLOBALS`) are mapped to inert stand-ins
@@ -9,9 +10,12 @@ no DeepSpeed code is imported or run. Any other global (``__reduce__`` payloads
 included) raises :class:`UnsafePickleError` naming the file and the global; a
 truncated or corrupt file raises :class:`SourceFormatError`.
 
-Bytes: a file unpickled on the meta device gives each storage's offset in the file
-(:func:`locate`); :class:`FileReader` then reads those ranges with ``preadv`` into the
-caller's buffer (no mapping whose touched pages would count as resident memory).
+Metadata is read without torch where it can be (:mod:`.torchfile`, the same allowlist
+plus the stand-ins; anything else falls back to ``torch.load(weights_only=True,
+map_location="meta")``): tensors come back as :class:`~.torchfile.MetaTensor`, which
+says where each one's bytes lie in the file (:func:`locate`); :class:`FileReader` then
+reads those ranges with ``preadv`` into the caller's buffer (no mapping whose touched
+pages would count as resident memory).
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import threading
 import zipfile
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
 from ckptd.converters.sources.base import SourceFormatError, advise_willneed
+from ckptd.converters.sources.torchfile import (
+    MetaTensor,
+    NeedsTorchLoad,
+    from_torch_meta,
+    load_meta,
+)
 
 
 class UnsafePickleError(SourceFormatError):
@@ -82,15 +91,26 @@ _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 def load_pt(path: str, *, meta: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` with the DeepSpeed stand-ins allowed.
 
-    ``meta``: tensors on the meta device, each storage carrying ``_checkpoint_offset``
-    (its byte offset in the file); otherwise memory-mapped CPU tensors. Errors are
-    typed and name ``path`` (and the refused global).
+    ``meta``: tensors as :class:`~.torchfile.MetaTensor` (metadata and file offsets;
+    read without torch where :func:`~.torchfile.load_meta` can); otherwise memory-mapped
+    CPU tensors. Errors are typed and name ``path`` (and the refused global).
     """
+    if meta:
+        try:
+            return load_meta(path, STANDINS)
+        except NeedsTorchLoad:
+            pass  # torch.load decides: it reads the file, or refuses it below
+        except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError,
+                ValueError, TypeError, struct.error) as e:
+            raise SourceFormatError(f"{path}: cannot read the torch file: {e}") from e
+    import torch
+
     where: dict[str, Any] = {"map_location": "meta"} if meta else {"map_location": "cpu"}
     allowed: list[Any] = [(cls, q) for q, cls in STANDINS.items()]
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, weights_only=True, mmap=not meta, **where)
+            obj = torch.load(path, weights_only=True, mmap=not meta, **where)
+            return from_torch_meta(obj, path) if meta else obj
     except pickle.UnpicklingError as e:
         text = str(e)
         m = _GLOBAL_RE.search(text)
@@ -121,17 +141,16 @@ class Loc:
     path: str
     offset: int
     numel: int
-    dtype: torch.dtype
+    dtype: str  # canonical name (ckptd.dtypes)
 
 
 def locate(path: str, t: Any, size: int, what: str) -> Loc:
     """Where the meta tensor ``t`` (from ``load_pt(path, meta=True)``) lies in ``path``."""
-    if not isinstance(t, torch.Tensor):
+    if not isinstance(t, MetaTensor):
         raise SourceFormatError(f"{path}: {what} is not a tensor")
-    base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-    if base is None or not t.is_contiguous():
+    if not t.is_contiguous():
         raise SourceFormatError(f"{path}: {what} is not a contiguous stored tensor")
-    off = int(base) + int(t.storage_offset()) * t.element_size()
+    off = t.file_offset
     n = t.numel()
     if off + n * t.element_size() > size:
         raise SourceFormatError(f"{path}: {what} runs past the end of the file (truncated?)")

@@ -46,9 +46,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptd.converters.sources.base import PlanError, SourceFormatError, TensorInfo, raw_bytes
 from ckptd.converters.sources.deepspeed import DeepSpeedSource
@@ -59,7 +57,11 @@ from ckptd.converters.sources.deepspeed_files import (
     load_pt,
     locate,
 )
+from ckptd.converters.sources.torchfile import is_tensor
 from ckptd.dtypes import dtype_name, torch_dtype
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 LAYER_RE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 TIED = "tied_modules."
@@ -189,7 +191,7 @@ class PipeTPRank:
         if not has_params:  # a tied module's occurrence, a layer without params, or a buffer layer
             keys = [
                 k for k, ps in tied.items()
-                if all(isinstance(sd.get(n), torch.Tensor) and tuple(sd[n].shape) == s
+                if all(is_tensor(sd.get(n)) and tuple(sd[n].shape) == s
                        for n, s in ps.items())
             ]  # fmt: skip
             if len(keys) > 1:
@@ -201,7 +203,7 @@ class PipeTPRank:
         size = os.path.getsize(path)
         for k, v in sd.items():
             name = prefix + str(k)
-            if not isinstance(v, torch.Tensor):
+            if not is_tensor(v):
                 self._skipped.append(f"model.{name}")
                 continue
             if f"model.{name}" in self.infos:
@@ -249,6 +251,8 @@ class PipeTPRank:
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` (local to this TP rank)."""
+        import torch
+
         st = self._optim.get(name)
         if st is not None:
             return st.read(name)

@@ -30,10 +30,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-
 from ckptd.converters.sources.base import PlanError, TensorInfo, raw_bytes
 from ckptd.dtypes import torch_dtype
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 if TYPE_CHECKING:
     from ckptd.converters.sources.base import Source
@@ -190,6 +191,8 @@ class Assembler:
             t = t.t() if sg.transpose else t
             return t.narrow(sg.dim, sg.source_offset, sg.length).contiguous()
         self._last = None
+        import torch
+
         out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         for sg in segments:
             dst = out.narrow(sg.dim, sg.offset, sg.length)

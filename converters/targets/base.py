@@ -22,12 +22,13 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ckptd.converters.sources.base import PlanError, SourceState, TensorInfo
 from ckptd.formats.posix_io import fsync_dir
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 
 class Fetch(Protocol):

@@ -34,10 +34,9 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c as _crc
-import torch
 
 from ckptd.converters.sources.base import SourceState, TensorInfo, raw_bytes
 from ckptd.converters.sources.safetensors_header import build_header
@@ -56,6 +55,9 @@ from ckptd.converters.targets.base import (
     remove_outputs,
 )
 from ckptd.converters.targets.windows import WindowWriter
+
+if TYPE_CHECKING:  # imported where used: see sources/torchfile.py
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

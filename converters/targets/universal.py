@@ -31,7 +31,7 @@ from ckptd.formats.keys import validate_key
 from ckptd.formats.storage import ObjectNotFoundError, Storage, open_storage
 from ckptd.formats.universal_io import PROGRESS_NAME, UniversalWriter, parse_progress
 from ckptd.formats.writer import WriterOptions
-from ckptd.statedict import validate_state_key
+from ckptd.keys import validate_state_key
 
 
 class UniversalTarget(Target):
