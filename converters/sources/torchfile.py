@@ -135,29 +135,41 @@ def load_meta(path: str, standins: Mapping[str, type] | None = None) -> Any:
 
     ``standins``: ``"module.qualname" -> class`` for extra globals to allow (inert
     stand-ins). Raises :class:`NeedsTorchLoad` for anything it does not model (a global
-    outside the allowlist, a compressed record, an unknown storage type), ``OSError`` /
-    ``zipfile.BadZipFile`` / ``pickle.UnpicklingError`` for an unreadable file.
+    outside the allowlist, a compressed record, an unknown storage type, a file that is
+    not a zip archive: torch's legacy format, or a truncated file, which torch then
+    reports), ``OSError`` / ``pickle.UnpicklingError`` for an unreadable one.
     """
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-        infos = {i.filename: i for i in z.infolist()}
-        pkl = next((n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1), None)
-        if pkl is None:
-            raise NeedsTorchLoad(f"{path}: no <archive>/data.pkl (an old torch.save format)")
-        prefix = pkl[: -len("data.pkl")]
+    with open(path, "rb") as f:
+        try:
+            z = zipfile.ZipFile(f)
+        except zipfile.BadZipFile as e:
+            raise NeedsTorchLoad(f"{path}: {e}") from None
+        with z:
+            return _load_archive(path, f, z, standins)
 
-        def record(key: str) -> int:
-            info = infos.get(f"{prefix}data/{key}")
-            if info is None:
-                raise pickle.UnpicklingError(f"storage record data/{key} is missing")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise NeedsTorchLoad(f"{path}: record data/{key} is compressed")
-            f.seek(info.header_offset)
-            sig, n_name, n_extra = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
-            if sig != b"PK\x03\x04":
-                raise pickle.UnpicklingError(f"record data/{key}: bad local header")
-            return info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
 
-        return _MetaUnpickler(z.read(pkl), record, dict(standins or {})).load()
+def _load_archive(path: str, f: Any, z: zipfile.ZipFile,
+                  standins: Mapping[str, type] | None) -> Any:
+    """:func:`load_meta` of an open archive ``z`` (of file ``f``)."""
+    infos = {i.filename: i for i in z.infolist()}
+    pkl = next((n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1), None)
+    if pkl is None:
+        raise NeedsTorchLoad(f"{path}: no <archive>/data.pkl (an old torch.save format)")
+    prefix = pkl[: -len("data.pkl")]
+
+    def record(key: str) -> int:
+        info = infos.get(f"{prefix}data/{key}")
+        if info is None:
+            raise pickle.UnpicklingError(f"storage record data/{key} is missing")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise NeedsTorchLoad(f"{path}: record data/{key} is compressed")
+        f.seek(info.header_offset)
+        sig, n_name, n_extra = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+        if sig != b"PK\x03\x04":
+            raise pickle.UnpicklingError(f"record data/{key}: bad local header")
+        return info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
+
+    return _MetaUnpickler(z.read(pkl), record, dict(standins or {})).load()
 
 
 class _StorageType:
