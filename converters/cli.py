@@ -131,7 +131,10 @@ def _print_plan(plan: dict[str, Any]) -> None:
     "--target-layout",
     default=None,
     metavar="tp=N,pp=M",
-    help="Parallel layout of the target: Megatron tp=4,pp=2; DeepSpeed dp=4[,zero=2,groups=2].",
+    help=(
+        "Parallel layout of the target: Megatron tp=4,pp=2[,ep=2,vpp=2]; "
+        "DeepSpeed dp=4[,zero=2,groups=2]."
+    ),
 )
 @click.option("--spec", default=None, help="Shipped reshard spec name or a .ckspec path.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")

@@ -15,7 +15,13 @@ against it rather than against itself:
 - :func:`rewrite_as_distributed` turns a Megatron checkpoint written with the
   non-distributed optimizer into the distributed optimizer's form: ``model_optim_rng.pt``
   keeps ``DistributedOptimizer.state_dict()`` (param groups without ``params``, with
-  ``step``) and ``distrib_optim.pt`` holds the parameter state.
+  ``step``) and ``distrib_optim.pt`` holds the parameter state. With model chunks
+  (``model0``, ``model1``, ...: virtual pipeline parallelism) every chunk is its own
+  ``DistributedDataParallel`` with its own buffers, which the optimizer chains in chunk
+  order (``DistributedOptimizer.buffers = chain(*per_model_buffers.values())``); Megatron-
+  LM's ``get_model`` disables bucketing on every chunk after the first, and the tied
+  embedding is on chunk 0 of stage 0 and the output layer on the last chunk of the last
+  stage (``LanguageModule.setup_embeddings_and_output_layer``).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ckptd.converters.sources.megatron import flatten_model
+from ckptd.converters.sources.megatron_chunks import flatten_model
 from ckptd.converters.sources.megatron_optim import parse_optimizer, split_optim_name
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -180,7 +187,13 @@ def rewrite_as_distributed(
     for d in dirs:
         f = it_dir / d / "model_optim_rng.pt"
         obj = torch.load(f, weights_only=False)
-        model = flatten_model(obj["model"])
+        chunk_keys = [k for k in obj if k == "model" or re.fullmatch(r"model\d+", k)]
+        chunk_keys.sort(key=lambda k: int(k[5:] or 0))
+        vpp = len(chunk_keys)
+        # parse_optimizer takes the chunks concatenated (Megatron's param group order)
+        model = flatten_model({k: obj[k] for k in chunk_keys}) if vpp > 1 else flatten_model(
+            obj["model"])  # fmt: skip
+        prefixes = [f"{k}." if vpp > 1 else "" for k in chunk_keys]
         parsed = parse_optimizer(obj["optimizer"], model, str(f))
         values: dict[str, dict[str, torch.Tensor]] = {}
         step = None
@@ -193,24 +206,36 @@ def rewrite_as_distributed(
         for key, t in model.items():  # an fp32 parameter is its own main param
             values[key].setdefault("param", t.float())
         pp_rank = int(d.split("_")[3]) if pp > 1 else 0  # mp_rank_TT_PPP[_EEE]
-        shared: frozenset[str] = frozenset()
-        if tied and pp > 1 and pp_rank == 0:
-            shared = frozenset({"embedding.word_embeddings.weight"})
-        elif tied and pp > 1 and pp_rank == pp - 1:
-            shared = frozenset({"output_layer.weight"})
-        size = bucket_size if pp_rank == 0 else None  # DDP: no bucketing after stage 0
         subs = obj["optimizer"] if isinstance(obj["optimizer"], list) else [obj["optimizer"]]
-        parts = [model]
-        if expert_parallel:
-            parts = [{k: v for k, v in model.items() if ".experts." not in k},
-                     {k: v for k, v in model.items() if ".experts." in k}]  # fmt: skip
-        assert len(parts) == len(subs), (d, len(parts), len(subs))
-        states, dist_subs = [], []
-        for part, sub in zip(parts, subs, strict=True):
-            st, numels = rank_state(part, values, dp=dp, bucket_size=size, shared=shared)
-            if legacy:
-                st = to_legacy(st, numels)
-            states.append(st)
+        n_opt = 2 if expert_parallel else 1
+        assert n_opt == len(subs), (d, n_opt, len(subs))
+        merged: list[dict[Any, Any]] = [{} if legacy else {"buckets_coalesced": True}
+                                         for _ in subs]  # fmt: skip
+        for v, prefix in enumerate(prefixes):
+            chunk = {k: t for k, t in model.items() if k.startswith(prefix)}
+            first, last = pp_rank == 0 and v == 0, pp_rank == pp - 1 and v == vpp - 1
+            shared: frozenset[str] = frozenset()
+            if tied and pp * vpp > 1 and first:
+                shared = frozenset({prefix + "embedding.word_embeddings.weight"})
+            elif tied and pp * vpp > 1 and last:
+                shared = frozenset({prefix + "output_layer.weight"})
+            # DDP: no bucketing after stage 0; get_model: none on chunks after the first
+            size = bucket_size if pp_rank == 0 and v == 0 else None
+            parts = [chunk]
+            if expert_parallel:
+                parts = [{k: t for k, t in chunk.items() if ".experts." not in k},
+                         {k: t for k, t in chunk.items() if ".experts." in k}]  # fmt: skip
+            for part, out in zip(parts, merged, strict=True):
+                if not part:
+                    continue
+                st, numels = rank_state(part, values, dp=dp, bucket_size=size, shared=shared)
+                if legacy:
+                    st = to_legacy(st, numels)
+                n = sum(1 for k in out if isinstance(k, int))
+                for i in sorted(k for k in st if isinstance(k, int)):
+                    out[n + i] = st[i]  # the optimizer's buffers, chunk after chunk
+        dist_subs = []
+        for sub in subs:
             sd = sub.get("optimizer", sub)
             groups = []
             for g in sd["param_groups"]:
@@ -234,4 +259,4 @@ def rewrite_as_distributed(
             }
         )
         torch.save(obj, f)
-        torch.save(states[0] if len(states) == 1 else states, it_dir / d / "distrib_optim.pt")
+        torch.save(merged[0] if len(merged) == 1 else merged, it_dir / d / "distrib_optim.pt")

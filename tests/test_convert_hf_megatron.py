@@ -57,7 +57,7 @@ def _hf_attention(w: dict[str, torch.Tensor], p: str, r: Callable[..., torch.Ten
     w[p + "self_attn.o_proj.weight"] = r(HIDDEN, HEADS * HD, scale=s)
 
 
-def hf_llama(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def hf_llama(dtype: torch.dtype = torch.float32, layers: int = LAYERS) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
 
     def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -65,7 +65,7 @@ def hf_llama(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
 
     w = _hf_embeddings(r)
     s = 1 / math.sqrt(HIDDEN)
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         _hf_attention(w, p, r)
         w[p + "mlp.gate_proj.weight"] = r(FFN, HIDDEN, scale=s)

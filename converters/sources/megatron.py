@@ -8,7 +8,12 @@ Layout on disk (Megatron-LM ``--ckpt-format torch``)::
     ROOT/iter_0001000/mp_rank_01_003_001/model_optim_rng.pt  # ... expert-parallel rank 1
 
 Each file holds ``{"model": {local key: local tensor}, "optimizer": ..., "iteration": N,
-...}``. Files are read only with ``torch.load(weights_only=True, mmap=True)`` (with
+...}``, or with virtual pipeline parallelism (the interleaved schedule) ``"model0"`` ..
+``"model{vpp-1}"`` instead of ``"model"``, one per model chunk, each numbering its layers
+from 0 (see :mod:`.megatron_chunks`: chunk ``v`` of pipeline rank ``p`` is laid out as
+stage ``v * pp + p`` of a ``pp * vpp``-stage pipeline). ``vpp`` is the number of chunks,
+the same in every file; it is reported in :meth:`MegatronSource.source_state`.
+Files are read only with ``torch.load(weights_only=True, mmap=True)`` (with
 ``argparse.Namespace``, Megatron's ``args``, and numpy arrays, its RNG state, allowed:
 inert data holders); a file that does not load that way is a :class:`SourceFormatError`
 naming it (no fallback).
@@ -65,6 +70,15 @@ from ckptd.converters.sources.base import (
     SourceState,
     TensorInfo,
     read_range_by_boxes,
+)
+from ckptd.converters.sources.megatron_chunks import (
+    ChunkKeys,
+    check_chunk_layers,
+    chunk_keys,
+    chunk_prefix,
+    rank_model,
+    split_chunks,
+    virtual_stage,
 )
 from ckptd.converters.sources.megatron_distopt import DistOptHints, parse_dist_optimizer
 from ckptd.converters.sources.megatron_optim import parse_optimizer
@@ -161,23 +175,13 @@ def load_torch_file(path: str) -> Any:
 
 
 def load_rank_file(path: str) -> dict[str, Any]:
-    """A ``model_optim_rng.pt`` through :func:`load_torch_file`; it must hold a ``model``."""
+    """A ``model_optim_rng.pt`` through :func:`load_torch_file`; it must hold a ``model``
+    or the model chunks ``model0`` .. ``model{N-1}`` (:func:`.megatron_chunks.chunk_keys`)."""
     obj = load_torch_file(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+    if not isinstance(obj, dict):
         raise SourceFormatError(f"{path}: no 'model' state dict (not a Megatron rank file)")
+    chunk_keys(obj, path)
     return obj
-
-
-def flatten_model(model: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts joined with ``.``; leaves kept as they are."""
-    out: dict[str, Any] = {}
-    for k, v in model.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_model(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 @dataclass(frozen=True)
@@ -235,11 +239,12 @@ class MegatronSource(InventorySource):
                 f"{self.iter_dir}: {len(self.ranks)} rank directories for tp={self.tp} x "
                 f"pp={self.pp} x ep={self.ep}; missing {missing[:4]}"
             )
+        self.vpp = 1  # model chunks per rank file (virtual pipeline), set by the first file
         self._open: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._max_open = max(1, min(self.tp * self.ep, MAX_OPEN))
-        self._layouts: list[RankLayout] = []
         self._policies: list[Mapping[str, str]] = []
         self._holders: dict[str, list[tuple[int, str, tuple[Piece, ...]]]] = {}
+        self._stage_of: dict[str, tuple[int, int]] = {}  # layer tensor -> (stage, rank idx)
         self._state: dict[str, Any] = {}
         self._inventory()
 
@@ -252,16 +257,20 @@ class MegatronSource(InventorySource):
     def step(self) -> int | None:
         return self._iteration
 
-    def _spec_for(self, rank: _Rank) -> Any:
+    def _spec_for(self, rank: _Rank, chunk: int = 0) -> Any:
+        """The spec compiled for ``rank``'s model chunk ``chunk``: with VPP, stage
+        ``chunk * pp + rank.pp`` of a ``pp * vpp``-stage pipeline (module docstring)."""
         from ckptd.converters.spec import compile_spec  # see spec/__init__
 
-        variables = {**self.variables, "tp": self.tp, "pp": self.pp, "ep": self.ep}
+        stages = self.pp * self.vpp
+        variables = {**self.variables, "tp": self.tp, "pp": stages, "ep": self.ep}
         try:
             return compile_spec(
                 spec_source(self.spec_name),
                 variables,
-                coords={"tp": rank.tp, "pp": rank.pp, "ep": rank.ep},
-            )
+                coords={"tp": rank.tp, "pp": virtual_stage(chunk, rank.pp, self.pp),
+                        "ep": rank.ep},
+            )  # fmt: skip
         except SpecError as e:
             raise SourceFormatError(
                 f"{self.iter_dir}: spec {self.spec_name!r} with variables {variables}: {e} "
@@ -280,11 +289,16 @@ class MegatronSource(InventorySource):
         """The rank's model entries plus its optimizer tensors (``optim.state.<key>.<kind>``,
         local keys), and the parsed optimizer (None without one)."""
         rank = self.ranks[idx]
-        flat = flatten_model(obj["model"])
+        flat = rank_model(obj, rank.path)
         opt = obj.get("optimizer")
         if rank.has_dist_optim:
-            hints = DistOptHints.from_args(obj.get("args"), rank.pp, self.pp, self.ep)
-            parsed = parse_dist_optimizer(opt, load_torch_file(rank.dist_optim_path), flat,
+            # one DistributedDataParallel (its own buffers) per model chunk
+            prefixes = [chunk_prefix(v, self.vpp) for v in range(self.vpp)]
+            chunks = [{k: t for k, t in flat.items() if k.startswith(p)} for p in prefixes]
+            hints = [DistOptHints.from_args(obj.get("args"), rank.pp, self.pp, self.ep,
+                                            chunk=v, vpp=self.vpp)
+                     for v in range(self.vpp)]  # fmt: skip
+            parsed = parse_dist_optimizer(opt, load_torch_file(rank.dist_optim_path), chunks,
                                           path=rank.path, dist_path=rank.dist_optim_path,
                                           hints=hints)  # fmt: skip
             return {**flat, **parsed.tensors}, parsed
@@ -297,8 +311,9 @@ class MegatronSource(InventorySource):
         metas: dict[str, Any] = {}
         for idx, rank in enumerate(self.ranks):
             obj = load_rank_file(rank.path)
+            self._count_chunks(idx, obj)
             if idx == 0:
-                self._derive(flatten_model(obj["model"]))
+                self._derive(rank_model(obj, rank.path))
                 self._first_state(obj)
             flat, parsed = self._local_tensors(idx, obj)
             del obj
@@ -314,44 +329,79 @@ class MegatronSource(InventorySource):
                 elif idx == 0:
                     self._skipped.append(f"{os.path.relpath(rank.path, self.root)}:{k}")
             del flat
-            model_keys = [k for k in tensors if k not in param_of]
-            shapes = {k: tuple(tensors[k].shape) for k in model_keys}
-            spec = self._spec_for(rank)
             try:
-                layout = spec.layout_for(model_keys, shapes)
-                rl = build_rank_layout(FlatState(tensors=tensors, param_of=param_of), layout, idx)
-            except (SpecError, LayoutError) as e:
+                chunks = split_chunks(tensors, param_of, self.vpp)
+            except SourceFormatError as e:
                 raise SourceFormatError(f"{rank.path}: {e}") from None
-            self._layouts.append(rl)
-            policies = dict(layout.policies)
-            # optimizer state of a replicated parameter follows the parameter's policy
-            policies.update({o: policies[p] for o, p in param_of.items() if p in policies})
+            if self.vpp > 1 and "layers" in self.variables:
+                check_chunk_layers(chunks, self.variables["layers"], self.pp, self.vpp, rank.path)
+            policies: dict[str, str] = {}
+            for c in chunks:
+                rl, chunk_policies = self._chunk_layout(idx, c)
+                policies.update({c.qualified[k]: v for k, v in chunk_policies.items()})
+                for m in rl.tensors:
+                    prev = metas.setdefault(m.name, m)
+                    if prev != m:
+                        raise SourceFormatError(
+                            f"{rank.path}: tensor {m.name!r} is {m.dtype}{list(m.shape)} "
+                            f"here, {prev.dtype}{list(prev.shape)} on another rank"
+                        )
+                stage = virtual_stage(c.chunk, rank.pp, self.pp)
+                for entry in rl.entries:
+                    key = c.qualified[entry.key]  # the key in this rank's file
+                    for pc in entry.pieces:
+                        self._holders.setdefault(pc.name, []).append((idx, key, (pc,)))
+                        self._check_one_stage(pc.name, idx, stage)
             self._policies.append(policies)
-            for m in rl.tensors:
-                prev = metas.setdefault(m.name, m)
-                if prev != m:
-                    raise SourceFormatError(
-                        f"{rank.path}: tensor {m.name!r} is {m.dtype}{list(m.shape)} here, "
-                        f"{prev.dtype}{list(prev.shape)} on another rank"
-                    )
-            for entry in rl.entries:
-                for pc in entry.pieces:
-                    self._holders.setdefault(pc.name, []).append((idx, entry.key, (pc,)))
-                    self._check_one_stage(pc.name, idx)
         for name, m in metas.items():
             self._infos[name] = TensorInfo(name, m.dtype, tuple(m.shape))
 
-    def _check_one_stage(self, name: str, idx: int) -> None:
-        """A layer lives on one pipeline stage; two stages holding it means the rank
-        directories were misread (``mp_rank_TT_XXX`` taken as stages)."""
+    def _count_chunks(self, idx: int, obj: Mapping[str, Any]) -> None:
+        """The first file sets ``vpp`` (its number of model chunks); every other file
+        must hold as many (Megatron builds the same chunks on every rank)."""
+        rank = self.ranks[idx]
+        keys = chunk_keys(obj, rank.path)
+        if idx == 0:
+            self.vpp = len(keys)
+            if self.vpp > 1:
+                self._state["vpp"] = self.vpp
+        elif len(keys) != self.vpp:
+            raise SourceFormatError(
+                f"{rank.path}: {len(keys)} model chunk(s) ({', '.join(keys)}), but "
+                f"{self.ranks[0].path} holds {self.vpp}; every rank of a virtual-pipeline "
+                "run saves the same model0 .. model{N-1}"
+            )
+
+    def _chunk_layout(self, idx: int, c: ChunkKeys) -> tuple[RankLayout, dict[str, str]]:
+        """Model chunk ``c`` of rank ``idx`` laid out by the spec for its (virtual)
+        stage: the layout under local keys, and the replica policies by local key."""
+        rank = self.ranks[idx]
+        model_keys = [k for k in c.tensors if k not in c.param_of]
+        shapes = {k: tuple(c.tensors[k].shape) for k in model_keys}
+        spec = self._spec_for(rank, c.chunk)
+        where = rank.path + (f" (model{c.chunk})" if self.vpp > 1 else "")
+        try:
+            layout = spec.layout_for(model_keys, shapes)
+            flat = FlatState(tensors=c.tensors, param_of=c.param_of)
+            rl = build_rank_layout(flat, layout, idx)
+        except (SpecError, LayoutError) as e:
+            raise SourceFormatError(f"{where}: {e}") from None
+        policies = dict(layout.policies)
+        # optimizer state of a replicated parameter follows the parameter's policy
+        policies.update({o: policies[p] for o, p in c.param_of.items() if p in policies})
+        return rl, policies
+
+    def _check_one_stage(self, name: str, idx: int, stage: int) -> None:
+        """A layer lives on one (virtual) pipeline stage; two stages holding it means the
+        rank directories were misread (``mp_rank_TT_XXX`` taken as stages)."""
         if ".layers." not in name:
             return  # tied embeddings sit on the first and the last stage
-        other = next((self.ranks[i] for i, _, _ in self._holders[name]
-                      if self.ranks[i].pp != self.ranks[idx].pp), None)  # fmt: skip
-        if other is not None:
+        first, other_idx = self._stage_of.setdefault(name, (stage, idx))
+        if first != stage:
+            other = self.ranks[other_idx]
             raise SourceFormatError(
                 f"{self.ranks[idx].path}: tensor {name!r} is also on pipeline stage "
-                f"{other.pp} ({other.path}); if the run was expert-parallel without "
+                f"{first} ({other.path}); if the run was expert-parallel without "
                 "pipeline stages (mp_rank_TT_EEE), pass --var ep=N --var pp=1"
             )
 
@@ -364,7 +414,8 @@ class MegatronSource(InventorySource):
                 self._state[key] = _jsonable(obj[key])
 
     def source_state(self) -> SourceState:
-        """``{"megatron": {iteration, opt_param_scheduler, optimizer: {param_groups}}}``."""
+        """``{"megatron": {iteration, opt_param_scheduler, optimizer: {param_groups}}}``,
+        plus ``vpp`` (model chunks per rank file) for a virtual-pipeline checkpoint."""
         return SourceState(state={"megatron": dict(self._state)}) if self._state else SourceState()
 
     def fingerprint(self) -> str:

@@ -36,6 +36,16 @@ The layout is not stored; it is rebuilt as Megatron-Core builds it
 - the file keeps each bucket's unpadded part (up to its last parameter's end, or up to
   the next 64-aligned start when a shared embedding forced the split), concatenated.
 
+With virtual pipeline parallelism (model chunks ``model0`` .. ``model{vpp-1}``, see
+:mod:`.megatron_chunks`) every chunk has its own ``DistributedDataParallel`` and so its
+own buffers; an optimizer's buffer indices run over the chunks in order (Megatron-Core
+``DistributedOptimizer.buffers = chain(*per_model_buffers.values())``), chunk 0's
+buffers first. Megatron-LM builds every chunk after the first with
+``disable_bucketing`` (one bucket per buffer), and the tied embedding's own bucket is on
+the chunk that holds it (chunk 0 of the first, the last chunk of the last pipeline
+rank). ``--overlap-param-gather-with-optimizer-step``, which splits the dense optimizer
+by chunk, is refused with an error.
+
 The DP size changes only the padding that the file drops. Bucket size and tied
 embeddings come from Megatron's ``args`` in the rank file when present; otherwise
 every plausible choice is tried and one must fit: the buffer's ``numel_unpadded`` and
@@ -86,17 +96,27 @@ class DistOptHints:
 
     bucket_sizes: tuple[int | None, ...]  # None: one bucket per buffer
     tied: tuple[bool, ...]  # embeddings shared with the output layer
-    pp_rank: int = 0
-    pp: int = 1
+    pp_rank: int = 0  # the chunk's stage, ``chunk * pp + pp_rank`` with VPP
+    pp: int = 1  # stages, ``pp * vpp`` with VPP
     expert_parallel: bool = False  # EP > 1: ``.experts.`` params in their own optimizer
+    #: ``--overlap-param-gather-with-optimizer-step`` with model chunks: Megatron-Core
+    #: then gives chunk 0 and the other chunks separate dense optimizers (not read here)
+    split_dense: bool = False
 
     @classmethod
-    def from_args(cls, args: Any, pp_rank: int, pp: int, ep: int) -> DistOptHints:
-        """Candidates from Megatron's ``args`` (an ``argparse.Namespace``, or None)."""
+    def from_args(
+        cls, args: Any, pp_rank: int, pp: int, ep: int, *, chunk: int = 0, vpp: int = 1
+    ) -> DistOptHints:
+        """Candidates from Megatron's ``args`` (an ``argparse.Namespace``, or None) for
+        model chunk ``chunk`` of pipeline rank ``pp_rank`` (``vpp`` chunks per rank)."""
         sizes: tuple[int | None, ...]
         overlap = getattr(args, "overlap_grad_reduce", None)
-        if pp_rank > 0 or overlap is False:
-            sizes = (None,)  # DDP turns bucketing off on later stages / without overlap
+        split = getattr(args, "overlap_param_gather_with_optimizer_step", None) is True
+        if pp_rank > 0 or chunk > 0 or overlap is False or split:
+            # DDP turns bucketing off on later stages and without overlap; Megatron-LM's
+            # get_model passes disable_bucketing for every model chunk after the first,
+            # and for all with --overlap-param-gather-with-optimizer-step
+            sizes = (None,)
         elif isinstance(getattr(args, "ddp_bucket_size", None), int):
             sizes = (int(args.ddp_bucket_size),)
         elif overlap is True and isinstance(getattr(args, "data_parallel_size", None), int):
@@ -105,7 +125,8 @@ class DistOptHints:
             sizes = (None, DEFAULT_BUCKET) if overlap is None else (DEFAULT_BUCKET,)
         untie = getattr(args, "untie_embeddings_and_output_weights", None)
         tied = (not untie,) if isinstance(untie, bool) else (False, True)
-        return cls(sizes, tied, pp_rank, pp, ep > 1)
+        # the shared embedding is placed by the chunk's stage of the pp * vpp pipeline
+        return cls(sizes, tied, chunk * pp + pp_rank, pp * vpp, ep > 1, split and vpp > 1)
 
 
 @dataclass(frozen=True)
@@ -219,22 +240,41 @@ class _FileBuffer:
 def parse_dist_optimizer(
     opt: Any,
     state: Any,
-    model: Mapping[str, Any],
+    chunks: Sequence[Mapping[str, Any]],
     *,
     path: str,
     dist_path: str,
-    hints: DistOptHints,
+    hints: Sequence[DistOptHints],
 ) -> ParsedOptimizer:
     """The optimizer state of one rank: ``opt`` (the ``"optimizer"`` entry of rank file
     ``path``, or None) and ``state`` (``distrib_optim.pt``, loaded from ``dist_path``),
-    mapped to the rank's model keys (module docstring)."""
+    mapped to the rank's model keys (module docstring).
+
+    ``chunks``: the rank's model chunks in order (one without virtual pipeline
+    parallelism), each its flattened model entries; ``hints``: one per chunk. Each
+    chunk has its own ``DistributedDataParallel`` and so its own buffers (one per
+    dtype); an optimizer's buffers are those of every chunk, chunk by chunk (Megatron-
+    Core ``DistributedOptimizer.buffers``: ``itertools.chain(*per_model_buffers.values())``)."""
+    if len(chunks) != len(hints):
+        raise ValueError(f"{len(chunks)} model chunks, {len(hints)} hints")
+    if any(h.split_dense for h in hints):
+        raise SourceFormatError(
+            f"{dist_path}: saved with --overlap-param-gather-with-optimizer-step and "
+            f"{len(chunks)} model chunks (virtual pipeline): Megatron-Core then splits the "
+            "dense optimizer by chunk, a layout this reader does not rebuild"
+        )
     out = ParsedOptimizer()
-    params = [(k, v.dtype, v.numel()) for k, v in model.items()
-              if isinstance(v, torch.Tensor) and is_param_key(k)]  # fmt: skip
-    dense: list[tuple[str, torch.dtype, int]] = []
-    expert: list[tuple[str, torch.dtype, int]] = []
-    for p in params:  # expert params have their own optimizer only with EP > 1
-        (expert if hints.expert_parallel and param_class(p[0], 1)[0] else dense).append(p)
+    model = {k: v for c in chunks for k, v in c.items()}
+    # per optimizer (dense, expert), per chunk: its parameters in named_parameters order
+    parts: tuple[list[list[tuple[str, torch.dtype, int]]], ...] = (
+        [[] for _ in chunks], [[] for _ in chunks])  # fmt: skip
+    for ci, (c, h) in enumerate(zip(chunks, hints, strict=True)):
+        for k, v in c.items():
+            if isinstance(v, torch.Tensor) and is_param_key(k):
+                # expert params have their own optimizer only with EP > 1
+                is_expert = h.expert_parallel and param_class(k, 1)[0]
+                parts[1 if is_expert else 0][ci].append((k, v.dtype, v.numel()))
+    dense, expert = ([p for c in part for p in c] for part in parts)
     states = state if isinstance(state, list) else [state]
     if not 1 <= len(states) <= 2:
         raise SourceFormatError(f"{dist_path}: {len(states)} optimizer states; expected the "
@@ -254,10 +294,10 @@ def parse_dist_optimizer(
                 )
             continue
         buffers = _file_buffers(sub_state, where)
-        layouts = _choose_layout(members, buffers, hints, where, path)
+        pairs = _chunk_layouts(parts[si], buffers, hints, where, path)
         sub = subs[si]
         step = _step(sub, path)
-        for layout, buf in zip(layouts, buffers, strict=True):
+        for layout, buf in pairs:
             for slot in layout.slots:
                 shape = model[slot.key].shape
                 for key in KEYS:
@@ -274,6 +314,35 @@ def parse_dist_optimizer(
             out.skipped.append(f"{path}: optimizer step (no 'step' in the param groups)")
         if sub is not None:
             _groups(out, sub, si, path)
+    return out
+
+
+def _chunk_layouts(
+    per_chunk: Sequence[Sequence[tuple[str, torch.dtype, int]]],
+    buffers: list[_FileBuffer],
+    hints: Sequence[DistOptHints],
+    where: str,
+    path: str,
+) -> list[tuple[BufferLayout, _FileBuffer]]:
+    """Each file buffer with its layout: the buffers run chunk by chunk, a chunk taking
+    one per parameter dtype of its members (none if it has no member)."""
+    counts = [len({dtype for _, dtype, _ in members}) for members in per_chunk]
+    if len(per_chunk) == 1:
+        counts = [len(buffers)]  # one chunk: _choose_layout explains any mismatch
+    elif sum(counts) != len(buffers):
+        raise SourceFormatError(
+            f"{where}: {len(buffers)} buffers, but the {len(per_chunk)} model chunks of "
+            f"{path} make {sum(counts)} (one per parameter dtype per chunk: {counts})"
+        )
+    out: list[tuple[BufferLayout, _FileBuffer]] = []
+    pos = 0
+    for ci, (members, n) in enumerate(zip(per_chunk, counts, strict=True)):
+        mine = buffers[pos : pos + n]
+        here = where + (f" (model chunk {ci}, buffers {pos}..{pos + n - 1})"
+                        if len(per_chunk) > 1 else "")  # fmt: skip
+        if members:
+            out += zip(_choose_layout(members, mine, hints[ci], here, path), mine, strict=True)
+        pos += n
     return out
 
 

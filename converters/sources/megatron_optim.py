@@ -17,7 +17,12 @@ What ``model_optim_rng.pt`` holds under ``"optimizer"`` (Megatron-LM
 The torch state dict keys each parameter by its index: indices run over the param
 groups in order, and a group lists its parameters in the model's ``named_parameters``
 order, which is the order of the rank's ``model`` state dict (minus ``_extra_state``
-entries). Megatron-Core's default param groups split the parameters into classes:
+entries). With virtual pipeline parallelism (``model0`` .. ``model{vpp-1}``) the groups
+run over all model chunks in order (Megatron-Core ``_get_param_groups(model_chunks)``:
+chunk 0's parameters of a group, then chunk 1's, each in ``named_parameters`` order):
+the caller passes the chunks' entries concatenated under chunk-qualified keys
+(``model0.<key>``, :mod:`.megatron_chunks`), and so does :func:`build_optimizer`'s.
+Megatron-Core's default param groups split the parameters into classes:
 weight decay or not (1-D tensors and ``*.bias`` have none) and dense or expert-parallel
 (``.experts.`` in the name); no names are stored. A group is matched to the class whose
 parameters it can hold (same count, every ``exp_avg`` of the parameter's shape), so

@@ -2,13 +2,14 @@
 
 Writes ``DST/iter_{step:07d}/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` (``{"model":
 {...}, "optimizer": ..., "checkpoint_version": 3.0, "iteration": step}``) for a TP x PP
-x EP layout, then ``latest_checkpointed_iteration.txt``, the sidecar
+x EP layout (x VPP: ``"model0"`` .. ``"model{vpp-1}"`` instead of ``"model"``, see
+below), then ``latest_checkpointed_iteration.txt``, the sidecar
 ``ckptd_megatron.json`` (the model variables and sizes, so converting back needs no
 options) and ``.ckpt-convert-complete`` last. Every file goes through a temp name,
 fsync and rename.
 
 The layout comes from ``TargetOptions.target_layout`` (``--target-layout
-tp=4,pp=2,ep=2``) and the model variables from ``TargetOptions.variables`` (``--var
+tp=4,pp=2,ep=2[,vpp=2]``) and the model variables from ``TargetOptions.variables`` (``--var
 heads=..``), or from the constructor (``tp``, ``pp``, ``ep``, ``variables``). Variables
 that the canonical tensors determine (``vocab``, ``hidden``, ``layers``, ``ffn``,
 ``experts``, ``moe_ffn``, and ``head_dim``/``kv_heads`` once ``heads`` is known) are
@@ -19,6 +20,17 @@ of the source's assembly): a rank's local tensor is allocated with zeros (vocabu
 padding rows stay zero) and its pieces are copied from the global tensor. Experts go to
 the EP rank whose range holds them (renumbered from 0 there); dense tensors to every EP
 rank. The model dict is written in Megatron-Core's ``named_parameters`` order.
+
+Virtual pipeline parallelism (``vpp=N``, N > 1: Megatron's interleaved schedule): each
+rank file holds N model chunks, ``model0`` .. ``model{N-1}``, chunk ``v`` of pipeline
+rank ``p`` being stage ``v * pp + p`` of a ``pp * N``-stage pipeline (its layers
+numbered from 0; the embedding on chunk 0 of rank 0, the output layer and final norm
+on the last chunk of the last rank; :mod:`..sources.megatron_chunks`). The layers must
+divide over ``pp * N``. The optimizer's groups then run over all chunks in order, as
+Megatron-Core builds them. No ``args`` are written (as for any layout): Megatron takes
+the schedule from the loading run's own flags, and skips ``check_checkpoint_args``
+without them, whereas partial ``args`` would fail that check on fields not known here
+(``max_position_embeddings``, the tokenizer); ``vpp`` is in the sidecar.
 
 Optimizer state (``optim.state.<param>.{fp32,exp_avg,exp_avg_sq,step}``) is written as
 the non-distributed optimizer's state dict (:mod:`..sources.megatron_optim`), each
@@ -55,6 +67,7 @@ from ckptd.converters.sources.megatron import (
     rank_dir_name,
     spec_source,
 )
+from ckptd.converters.sources.megatron_chunks import chunk_prefix, qualify, virtual_stage
 from ckptd.converters.sources.megatron_optim import (
     MASTER,
     build_optimizer,
@@ -97,13 +110,17 @@ _CRC_CHUNK = 16 << 20
 
 @dataclass(frozen=True)
 class _RankPlan:
+    """One rank file: its entries under chunk-qualified keys (``model{v}.<key>`` with
+    VPP, the local keys otherwise; :mod:`..sources.megatron_chunks`)."""
+
     tp: int
     pp: int
     ep: int
     output: str  # relative path of the rank file
     entries: tuple[LocalEntry, ...]
-    model_keys: tuple[str, ...]  # local model keys, Megatron's named_parameters order
-    optim: tuple[tuple[str, str, str], ...]  # (local optim key, local param key, kind)
+    model_keys: tuple[str, ...]  # model keys: chunk by chunk, named_parameters order
+    optim: tuple[tuple[str, str, str], ...]  # (optim key, param key, kind)
+    vpp: int = 1  # model chunks in the file
 
 
 class MegatronTarget(Target):
@@ -119,23 +136,25 @@ class MegatronTarget(Target):
         tp: int | None = None,
         pp: int | None = None,
         ep: int | None = None,
+        vpp: int | None = None,
         variables: Mapping[str, int] | None = None,
         spec: str | None = None,
     ) -> None:
         super().__init__(path, options)
         layout = dict(options.target_layout)
-        unknown = sorted(set(layout) - {"tp", "pp", "ep"})
+        unknown = sorted(set(layout) - {"tp", "pp", "ep", "vpp"})
         if unknown:
             raise PlanError(
-                f"megatron target: unknown --target-layout keys {unknown} (tp, pp, ep)"
+                f"megatron target: unknown --target-layout keys {unknown} (tp, pp, ep, vpp)"
             )
         self.tp = tp or layout.get("tp", 1)
         self.pp = pp or layout.get("pp", 1)
         self.ep = ep or layout.get("ep", 1)
-        if self.tp < 1 or self.pp < 1 or self.ep < 1:
-            raise PlanError(
-                f"megatron target: tp={self.tp}, pp={self.pp}, ep={self.ep} must be positive"
-            )
+        self.vpp = vpp or layout.get("vpp", 1)
+        if min(self.tp, self.pp, self.ep, self.vpp) < 1:
+            raise PlanError(f"megatron target: tp={self.tp}, pp={self.pp}, ep={self.ep}, "
+                            f"vpp={self.vpp} must be positive")  # fmt: skip
+        self.stages = self.pp * self.vpp  # virtual stages: chunk v of rank p is v * pp + p
         self.user_vars = dict(variables) if variables else dict(options.variables)
         self.spec_name = spec or options.spec or DEFAULT_SPEC
         self._plan_cache: tuple[tuple[TensorInfo, ...], list[_RankPlan], dict[str, int]] | None
@@ -176,28 +195,29 @@ class MegatronTarget(Target):
                 v["kv_heads"] = (qkv.shape[0] - v["heads"] * v["head_dim"]) // (2 * v["head_dim"])
         return v
 
-    def _compile(self, variables: Mapping[str, int], t: int, p: int, e: int = 0) -> Any:
+    def _compile(self, variables: Mapping[str, int], t: int, s: int, e: int = 0) -> Any:
+        """The spec for tp rank ``t``, (virtual) stage ``s`` of ``stages``, ep rank ``e``."""
         from ckptd.converters.spec import compile_spec  # see spec/__init__
 
         try:
             return compile_spec(
                 spec_source(self.spec_name),
-                {**variables, "tp": self.tp, "pp": self.pp, "ep": self.ep},
-                coords={"tp": t, "pp": p, "ep": e},
+                {**variables, "tp": self.tp, "pp": self.stages, "ep": self.ep},
+                coords={"tp": t, "pp": s, "ep": e},
             )
         except SpecError as e:
             raise PlanError(f"megatron target (spec {self.spec_name!r}): {e}") from None
 
     def _place(self, name: str, firsts: list[int], efirsts: list[int], per: int
                ) -> tuple[int, int | None, str]:
-        """(pipeline stage, EP rank or None for all, local key) of canonical ``name``."""
+        """((virtual) pipeline stage, EP rank or None for all, local key) of ``name``."""
         pk = split_optim_name(name)
         if pk is not None:
             s, e, local = self._place(pk[0], firsts, efirsts, per)
             return s, e, optim_name(local, pk[1])
         m = _LAYER.search(name)
         if m is None:
-            return (self.pp - 1 if name.startswith(_LAST_STAGE) else 0), None, name
+            return (self.stages - 1 if name.startswith(_LAST_STAGE) else 0), None, name
         g = int(m.group(2))
         s = max(i for i, f in enumerate(firsts) if f <= g)
         local = name[: m.start(2)] + str(g - firsts[s]) + name[m.end(2) :]
@@ -224,10 +244,17 @@ class MegatronTarget(Target):
         if experts % self.ep:
             raise PlanError(f"megatron target: {experts} experts do not divide over ep={self.ep}")
         per = experts // self.ep
+        layers = variables.get("layers")
+        if self.vpp > 1 and layers is not None and layers % self.stages:
+            raise PlanError(
+                f"megatron target: {layers} layers do not divide over pp={self.pp} x "
+                f"vpp={self.vpp} = {self.stages} virtual pipeline stages (Megatron's "
+                "interleaved schedule gives each model chunk layers / (pp * vpp))"
+            )
         probe = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
         firsts, efirsts = [], []
-        for p in range(self.pp):
-            m = _LAYER.search(self._compile(variables, 0, p).logical_name(probe))
+        for s in range(self.stages):
+            m = _LAYER.search(self._compile(variables, 0, s).logical_name(probe))
             firsts.append(int(m.group(2)) if m else 0)
         for ep_rank in range(self.ep):
             x = _EXPERT.search(self._compile(variables, 0, 0, ep_rank).logical_name(probe))
@@ -239,17 +266,43 @@ class MegatronTarget(Target):
         plans: list[_RankPlan] = []
         for p in range(self.pp):
             for ep_rank in range(self.ep):
-                mine = [(lk, i) for r, lk, i in by_stage.get(p, []) if r is None or r == ep_rank]
+                chunks = [
+                    [(lk, i) for r, lk, i in by_stage.get(virtual_stage(v, p, self.pp), [])
+                     if r is None or r == ep_rank]
+                    for v in range(self.vpp)
+                ]  # fmt: skip
                 for tp_rank in range(self.tp):
                     plans.append(self._plan_rank(
-                        variables, tp_rank, p, ep_rank, mine, params, len(plans)))
+                        variables, tp_rank, p, ep_rank, chunks, len(plans)))
         self._plan_cache = (key, plans, variables)
         return plans
 
     def _plan_rank(self, variables: Mapping[str, int], t: int, p: int, e: int,
-                   mine: list[tuple[str, TensorInfo]], params: Mapping[str, TensorInfo],
-                   idx: int) -> _RankPlan:
-        spec = self._compile(variables, t, p, e)
+                   chunks: list[list[tuple[str, TensorInfo]]], idx: int) -> _RankPlan:
+        """Rank (t, p, e): each model chunk laid out by the spec for its stage, the
+        entries' keys qualified by chunk (``model{v}.``) when there are several."""
+        entries: list[LocalEntry] = []
+        model_keys: list[str] = []
+        opt: list[tuple[str, str, str]] = []
+        for v, mine in enumerate(chunks):
+            prefix = chunk_prefix(v, self.vpp)
+            stage = virtual_stage(v, p, self.pp)
+            rl, order, optim = self._plan_chunk(variables, t, stage, e, mine, idx)
+            entries += [LocalEntry(qualify(en.key, prefix), en.local_shape, en.dtype, en.pieces)
+                        for en in rl]  # fmt: skip
+            model_keys += [prefix + k for k in order]
+            opt += [(qualify(lk, prefix), prefix + pk, kind) for lk, pk, kind in optim]
+        out = f"{self._iter()}/{rank_dir_name(t, p, self.pp, e, self.ep)}/{RANK_FILE}"
+        return _RankPlan(t, p, e, out, tuple(entries), tuple(model_keys), tuple(opt), self.vpp)
+
+    def _plan_chunk(self, variables: Mapping[str, int], t: int, s: int, e: int,
+                    mine: list[tuple[str, TensorInfo]], idx: int
+                    ) -> tuple[tuple[LocalEntry, ...], list[str], list[tuple[str, str, str]]]:
+        """The entries (local keys) of (virtual) stage ``s`` on tp rank ``t``, ep rank
+        ``e``; its model keys in Megatron's order; its (optim key, param key, kind)."""
+        spec = self._compile(variables, t, s, e)
+        where = f"megatron target tp={t} pp={s % self.pp} ep={e}" + (
+            f" model{s // self.pp}" if self.vpp > 1 else "")  # fmt: skip
         model: dict[str, TensorInfo] = {}
         optim: list[tuple[str, str, str, TensorInfo]] = []
         for local, info in mine:
@@ -272,18 +325,16 @@ class MegatronTarget(Target):
             layout = spec.layout_for(list(model), {k: tuple(v) for k, v in shapes.items()})
             rl = build_rank_layout(FlatState(tensors=metas, param_of=param_of), layout, idx)
         except (SpecError, LayoutError) as err:
-            raise PlanError(f"megatron target tp={t} pp={p} ep={e}: {err}") from None
+            raise PlanError(f"{where}: {err}") from None
         want = {i.name: (i.dtype, tuple(i.shape)) for _, i in mine}
         for tm in rl.tensors:
             if want.get(tm.name) != (tm.dtype, tuple(tm.shape)):
                 raise PlanError(
-                    f"megatron target tp={t} pp={p} ep={e}: {tm.name!r} laid out as "
+                    f"{where}: {tm.name!r} laid out as "
                     f"{tm.dtype}{list(tm.shape)}, canonical is {want.get(tm.name)}"
                 )
-        out = f"{self._iter()}/{rank_dir_name(t, p, self.pp, e, self.ep)}/{RANK_FILE}"
-        order = tuple(sorted(model, key=module_order))
-        opt = tuple((lk, pk, kind) for lk, pk, kind, _ in optim)
-        return _RankPlan(t, p, e, out, rl.entries, order, opt)
+        order = sorted(model, key=module_order)
+        return rl.entries, order, [(lk, pk, kind) for lk, pk, kind, _ in optim]
 
     def layout(self, tensors: Sequence[TensorInfo]) -> TargetLayout:
         plans = self.plan_ranks(tensors)
@@ -389,6 +440,7 @@ class MegatronTarget(Target):
             "tp": self.tp,
             "pp": self.pp,
             "ep": self.ep,
+            "vpp": self.vpp,
             "spec": self.spec_name,
             "fingerprint": fingerprint,
             "provenance": provenance,
@@ -403,9 +455,14 @@ class MegatronTarget(Target):
 
 def _rank_object(rp: _RankPlan, loc: Mapping[str, torch.Tensor], meg: Mapping[str, Any],
                  step: int) -> dict[str, Any]:
-    """The rank file's content: model (Megatron order), optimizer, trainer state."""
+    """The rank file's content: model (Megatron order; per chunk ``model{v}`` with VPP),
+    optimizer (over all chunks in order), trainer state."""
     model = {k: loc[k] for k in rp.model_keys}
-    obj: dict[str, Any] = {"model": model, "checkpoint_version": 3.0, "iteration": step}
+    obj: dict[str, Any] = {"model": model} if rp.vpp == 1 else {}
+    for v in range(rp.vpp if rp.vpp > 1 else 0):
+        prefix = chunk_prefix(v, rp.vpp)
+        obj[f"model{v}"] = {k[len(prefix):]: t for k, t in model.items() if k.startswith(prefix)}
+    obj.update({"checkpoint_version": 3.0, "iteration": step})
     if rp.optim:
         per: dict[str, dict[str, torch.Tensor]] = {}
         for lk, pk, kind in rp.optim:
@@ -418,6 +475,7 @@ def _rank_object(rp: _RankPlan, loc: Mapping[str, torch.Tensor], meg: Mapping[st
         opt_state = meg.get("optimizer")
         if not isinstance(opt_state, dict):
             opt_state = {}
+        # ``model`` runs chunk by chunk under qualified keys: Megatron's group order
         obj["optimizer"] = build_optimizer(
             model, optim, opt_state.get("param_groups") or (), opt_state.get("grad_scaler")
         )
