@@ -401,7 +401,7 @@ def mixtral_forward(w: Mapping[str, torch.Tensor], ids: torch.Tensor, heads: int
 
 def megatron_moe_forward(ranks: Mapping[tuple[int, int, int], Mapping[str, torch.Tensor]],
                          ids: torch.Tensor, heads: int, kv_heads: int, vocab: int,
-                         top_k: int) -> torch.Tensor:
+                         top_k: int, pre_softmax: bool = False) -> torch.Tensor:
     """Logits [T, vocab] of a Megatron-Core LLaMA with MoE layers, run from TP x PP x EP
     rank files ``ranks[(tp_rank, pp_stage, ep_rank)]`` (local names, local shards).
 
@@ -413,6 +413,14 @@ def megatron_moe_forward(ranks: Mapping[tuple[int, int, int], Mapping[str, torch
     over TP). Dense layers run as in :func:`megatron_llama_forward`. Every EP rank holds
     the dense tensors; EP rank 0's are used. Written from Megatron's conventions,
     independently of ckptd's placements.
+
+    With ``pre_softmax`` (``--moe-router-pre-softmax``) the router takes the softmax
+    over every expert first and keeps the ``top_k`` largest probabilities as they are.
+    A ``linear_qkv.bias`` (``--add-qkv-bias``) is added to each TP rank's local QKV
+    output. Shared experts (``mlp.shared_experts.*``, SharedExpertMLP) are a
+    column/row-parallel SwiGLU MLP on every token, summed over TP, scaled by
+    ``sigmoid(h @ gate_weight.T)`` when the gate is saved, and added to the routed
+    experts' output.
     """
     tp = 1 + max(k[0] for k in ranks)
     pp = 1 + max(k[1] for k in ranks)
@@ -431,6 +439,8 @@ def megatron_moe_forward(ranks: Mapping[tuple[int, int, int], Mapping[str, torch
                 m = r[(t, s, 0)]
                 h = _rms(x, m[p + "self_attention.linear_qkv.layer_norm_weight"])
                 mixed = h @ m[p + "self_attention.linear_qkv.weight"].T
+                if p + "self_attention.linear_qkv.bias" in m:
+                    mixed = mixed + m[p + "self_attention.linear_qkv.bias"]
                 groups = mixed.shape[-1] // ((per_group + 2) * (x.shape[-1] // heads))
                 mixed = mixed.view(t_, groups, per_group + 2, -1)
                 q = mixed[:, :, :per_group].reshape(t_, groups * per_group, -1)
@@ -450,8 +460,11 @@ def megatron_moe_forward(ranks: Mapping[tuple[int, int, int], Mapping[str, torch
                 continue
             h = _rms(x, r[(0, s, 0)][p + "pre_mlp_layernorm.weight"])
             logits = h @ r[(0, s, 0)][p + "mlp.router.weight"].T
-            scores, chosen = logits.topk(top_k, -1)
-            probs = scores.softmax(-1)
+            if pre_softmax:
+                probs, chosen = logits.softmax(-1).topk(top_k, -1)
+            else:
+                scores, chosen = logits.topk(top_k, -1)
+                probs = scores.softmax(-1)
             out = torch.zeros_like(x)
             for e in range(ep):
                 pre = p + "mlp.experts.local_experts."
@@ -469,8 +482,68 @@ def megatron_moe_forward(ranks: Mapping[tuple[int, int, int], Mapping[str, torch
                         g, u = (h[sel] @ m[b + "linear_fc1.weight"].T).chunk(2, -1)
                         y = y + (torch.nn.functional.silu(g) * u) @ m[b + "linear_fc2.weight"].T
                     out[sel] += (probs * (chosen == g_id))[sel].sum(-1, keepdim=True) * y
+            if p + "mlp.shared_experts.linear_fc1.weight" in r[(0, s, 0)]:
+                out = out + _megatron_shared_experts(r, s, p, h, tp)
             x = x + out
     last = pp - 1
     x = _rms(x, r[(0, last, 0)]["decoder.final_layernorm.weight"])
     logits = torch.cat([x @ r[(t, last, 0)]["output_layer.weight"].T for t in range(tp)], -1)
     return logits[:, :vocab]
+
+
+def _megatron_shared_experts(r: Mapping[tuple[int, int, int], Mapping[str, torch.Tensor]],
+                             s: int, p: str, h: torch.Tensor, tp: int) -> torch.Tensor:
+    """SharedExpertMLP of layer prefix ``p`` on stage ``s`` (EP rank 0's copy): each TP
+    rank's ``linear_fc1`` is ``[gate_t; up_t]``, ``linear_fc2`` row-parallel (summed),
+    times ``sigmoid(h @ gate_weight.T)`` when the gate is saved."""
+    out = torch.zeros_like(h)
+    b = p + "mlp.shared_experts."
+    for t in range(tp):
+        m = r[(t, s, 0)]
+        g, u = (h @ m[b + "linear_fc1.weight"].T).chunk(2, -1)
+        out = out + (torch.nn.functional.silu(g) * u) @ m[b + "linear_fc2.weight"].T
+    gate = r[(0, s, 0)].get(p + "mlp.shared_experts.gate_weight")
+    return out if gate is None else out * torch.sigmoid(h @ gate.T)
+
+
+# ------------------------------------------ tiny Qwen2-MoE (shared expert, qkv bias)
+
+
+def qwen2_moe_forward(w: Mapping[str, torch.Tensor], ids: torch.Tensor, heads: int,
+                      kv_heads: int, top_k: int, norm_topk_prob: bool = False) -> torch.Tensor:
+    """Logits [T, vocab] of a Qwen2-MoE model given in Hugging Face names (float64).
+
+    As ``transformers``' Qwen2MoeForCausalLM computes it: q/k/v projections with bias;
+    each MLP a sparse MoE block whose router (``mlp.gate``) takes the softmax over every
+    expert, keeps the ``top_k`` largest (renormalised only with ``norm_topk_prob``) and
+    sums those experts' SwiGLU outputs (``down(silu(gate x) * up x)``), plus the shared
+    expert's SwiGLU output times ``sigmoid(shared_expert_gate x)``."""
+    w = {k: v.double() for k, v in w.items()}
+    x = w["model.embed_tokens.weight"][ids]
+    t = len(ids)
+    silu = torch.nn.functional.silu
+    layers = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers."))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        h = _rms(x, w[p + "input_layernorm.weight"])
+        a = p + "self_attn."
+        q = (h @ w[a + "q_proj.weight"].T + w[a + "q_proj.bias"]).view(t, heads, -1)
+        k = (h @ w[a + "k_proj.weight"].T + w[a + "k_proj.bias"]).view(t, kv_heads, -1)
+        v = (h @ w[a + "v_proj.weight"].T + w[a + "v_proj.bias"]).view(t, kv_heads, -1)
+        rep = heads // kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        x = x + _attend(_rope(q), _rope(k), v) @ w[a + "o_proj.weight"].T
+        h = _rms(x, w[p + "post_attention_layernorm.weight"])
+        top, idx = (h @ w[p + "mlp.gate.weight"].T).softmax(-1).topk(top_k, -1)
+        if norm_topk_prob:
+            top = top / top.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for j in range(w[p + "mlp.gate.weight"].shape[0]):
+            e = f"{p}mlp.experts.{j}."
+            y = silu(h @ w[e + "gate_proj.weight"].T) * (h @ w[e + "up_proj.weight"].T)
+            out = out + (top * (idx == j)).sum(-1, keepdim=True) * (y @ w[e + "down_proj.weight"].T)
+        e = p + "mlp.shared_expert."
+        y = silu(h @ w[e + "gate_proj.weight"].T) * (h @ w[e + "up_proj.weight"].T)
+        y = y @ w[e + "down_proj.weight"].T
+        x = x + out + torch.sigmoid(h @ w[p + "mlp.shared_expert_gate.weight"].T) * y
+    return _rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T

@@ -70,7 +70,14 @@ TP_AXIS = {  # Megatron-core's tensor-parallel axis per dense parameter (None: r
     "self_attention.linear_proj.weight": 1,
     "mlp.linear_fc1.weight": 0,
     "mlp.linear_fc2.weight": 1,
+    # Qwen2-MoE-like models (tests/test_convert_shared_experts.py): the qkv bias splits
+    # like its weight; SharedExpertMLP is an MLP on the tp group (fc1 gated, fc2 row)
+    "self_attention.linear_qkv.bias": 0,
+    "mlp.shared_experts.linear_fc1.weight": 0,
+    "mlp.shared_experts.linear_fc2.weight": 1,
 }
+#: gated fc1 weights, which MLP.sharded_state_dict saves through the SwiGLU factory
+GLU_FC1 = ("mlp.linear_fc1.weight", "mlp.shared_experts.linear_fc1.weight")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 
@@ -170,13 +177,13 @@ def _halves(t: torch.Tensor, tp: int) -> list[tuple[torch.Tensor, int, int]]:
 def _dense(key: str, sub: str, layer: int | None, t: torch.Tensor, tp: int, form: str,
            layers: int, prefix: str) -> list[Shard]:  # fmt: skip
     axis = TP_AXIS.get(sub)
-    if sub == "mlp.linear_fc1.weight" and form == "singleton":  # _w / _v, each whole
+    if sub in GLU_FC1 and form == "singleton":  # _w / _v, each whole
         gate, up = torch.chunk(t, 2, dim=0)
         n = gate.shape[0]
         base = f"{prefix}decoder.layers.{layer}.{sub}"
         return [(f"{base}_{h}", (TP * n, t.shape[1]), (x, (tp * n, 0)))
                 for h, x in (("w", gate), ("v", up))]  # fmt: skip
-    if sub == "mlp.linear_fc1.weight":
+    if sub in GLU_FC1:
         pieces = _halves(t, tp)
     elif axis is not None:
         pieces = [(t, tp * t.shape[axis], TP * t.shape[axis])]

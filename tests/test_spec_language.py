@@ -298,7 +298,8 @@ EXPERT_NAMES = ("linear_fc1.weight", "linear_fc2.weight")
 def _cfg(tp: int, pp: int, ep: int, qpg: int = 2, kv: int = 2, hd: int = 2, ffn_per: int = 3,
          vocab: int = 30, layers: int = 4, experts: int = 2, hidden: int = 8) -> dict[str, int]:
     return {"heads": kv * qpg, "kv_heads": kv, "head_dim": hd, "hidden": hidden,
-            "ffn": ffn_per * tp, "moe_ffn": ffn_per * tp, "vocab": vocab, "layers": layers,
+            "ffn": ffn_per * tp, "moe_ffn": ffn_per * tp, "shared_ffn": 2 * ffn_per * tp,
+            "vocab": vocab, "layers": layers,
             "experts": experts, "vocab_multiple": 4 * tp, "tp": tp, "pp": pp, "ep": ep}
 
 
@@ -603,6 +604,16 @@ def _megatron_llama_names(layers: int) -> list[str]:
         out += [b + n for n in LAYER_NAMES]
         out += [b + "mlp.router.weight", b + "self_attention.linear_qkv._extra_state"]
         out += [f"{b}mlp.experts.local_experts.{e}.{n}" for e in range(2) for n in EXPERT_NAMES]
+        # Qwen2-MoE / DeepSeek: shared experts, router expert_bias, --add-qkv-bias and
+        # --add-bias-linear biases (dense, router, routed experts)
+        out += [b + "mlp.shared_experts." + n for n in
+                ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")]  # fmt: skip
+        out += [b + n for n in ("mlp.router.expert_bias", "mlp.router.bias",
+                                "self_attention.linear_qkv.bias",
+                                "self_attention.linear_proj.bias", "mlp.linear_fc1.bias",
+                                "mlp.linear_fc2.bias")]  # fmt: skip
+        out += [f"{b}mlp.experts.local_experts.{e}.linear_fc{j}.bias" for e in range(2)
+                for j in (1, 2)]  # fmt: skip
     return out
 
 
@@ -654,6 +665,21 @@ def _hf_mixtral_names(layers: int) -> list[str]:
     return out
 
 
+def _hf_qwen2_moe_names(layers: int) -> list[str]:
+    out = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    for i in range(layers):
+        m = f"model.layers.{i}."
+        out += [m + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        out += [m + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        out += [m + "input_layernorm.weight", m + "post_attention_layernorm.weight",
+                m + "mlp.gate.weight", m + "mlp.shared_expert_gate.weight",
+                m + "self_attn.rotary_emb.inv_freq"]  # fmt: skip
+        out += [f"{m}mlp.experts.{e}.{w}_proj.weight" for e in range(2)
+                for w in ("gate", "up", "down")]  # fmt: skip
+        out += [f"{m}mlp.shared_expert.{w}_proj.weight" for w in ("gate", "up", "down")]
+    return out
+
+
 SHIPPED_NAMES = {
     "megatron_gpt": _megatron_gpt_names,
     "megatron_llama": _megatron_llama_names,
@@ -662,6 +688,7 @@ SHIPPED_NAMES = {
     "hf_llama_to_megatron": lambda n: list(_hf_names(n)),
     "hf_gpt2_to_megatron": _hf_gpt2_names,
     "hf_mixtral_to_megatron": _hf_mixtral_names,
+    "hf_qwen2_moe_to_megatron": _hf_qwen2_moe_names,
 }
 
 
@@ -677,7 +704,7 @@ def test_shipped_spec_covers_its_framework(name: str) -> None:
     keys = ["model." + n for n in SHIPPED_NAMES[name](4)]
     spec.check_coverage(keys)
     spec.check_coverage(["optim.state.not.a.model.key"])  # outside the prefix: skipped
-    if name in ("hf_llama_to_megatron", "hf_mixtral_to_megatron"):
+    if name in ("hf_llama_to_megatron", "hf_mixtral_to_megatron", "hf_qwen2_moe_to_megatron"):
         return  # needs shapes (fused parts); exercised end to end above
     if name == "hf_gpt2_to_megatron":  # a name map only: its transposes are no layout
         with pytest.raises(SpecError, match="transpose"):

@@ -37,7 +37,8 @@ to the same universal checkpoint):
   (``moe_layer_freq``) come with layer-numbered keys. A key under ``mlp.experts.`` of
   another form or shape, or experts that do not match the router's rows, is a
   :class:`~megatron_dist_keys.MoEKeyError` naming the key. The key forms are decided in
-  :mod:`megatron_dist_keys`.
+  :mod:`megatron_dist_keys`. Shared experts (``mlp.shared_experts.linear_fc{1,2}.weight``,
+  ``gate_weight``) and the router's ``expert_bias`` are dense keys, read as such.
 - *Optimizer state* in model space (``optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.
   <param key>``, written by the non-distributed optimizer and by the distributed one
   with ``fully_sharded_model_space``) follows its parameter and is given as
@@ -99,6 +100,7 @@ from ckptd.statedict import FlatState
 
 MCORE_METADATA = markers.MCORE_METADATA
 _DENSE_FC1 = re.compile(r"^decoder\.layers\.\d+\.mlp\.linear_fc1\.weight$")
+_SHARED_FC1 = re.compile(r"^decoder\.layers\.\d+\.mlp\.shared_experts\.linear_fc1\.weight$")
 COMMON = "common.pt"
 BACKEND = markers.MCORE_BACKEND
 OPTIM_PREFIX = "optimizer.state."
@@ -115,6 +117,7 @@ _ARGS_VARS = (
     ("vocab_size", "vocab"),
     ("num_experts", "experts"),
     ("moe_ffn_hidden_size", "moe_ffn"),
+    ("moe_shared_expert_intermediate_size", "shared_ffn"),
 )
 
 
@@ -390,7 +393,7 @@ def _optim_parts(fqn: str) -> tuple[str | None, str]:
 def _derive_variables(virtual: Mapping[str, Virtual], known: Mapping[str, int]) -> dict[str, int]:
     """Variables the shapes tell: hidden, layers, ffn, head_dim/kv_heads (given heads),
     ``vocab_multiple`` = the padded vocabulary rows (the padding is kept as found), and
-    with experts ``experts`` and ``moe_ffn``."""
+    with experts ``experts`` and ``moe_ffn``, with shared experts ``shared_ffn``."""
     out: dict[str, int] = {}
 
     def shape(key: str) -> tuple[int, ...] | None:
@@ -412,6 +415,10 @@ def _derive_variables(virtual: Mapping[str, Virtual], known: Mapping[str, int]) 
     fc1 = next((v.shape for k, v in sorted(virtual.items()) if _DENSE_FC1.match(k)), None)
     if fc1 is not None and fc1[0] % 2 == 0:
         out["ffn"] = fc1[0] // 2
+    # shared experts (SharedExpertMLP): a gated fc1 of [gate; up], shared_ffn rows each
+    shared = next((v.shape for k, v in sorted(virtual.items()) if _SHARED_FC1.match(k)), None)
+    if shared is not None and shared[0] % 2 == 0:
+        out["shared_ffn"] = shared[0] // 2
     experts: dict[str, set[int]] = {}
     for k, v in virtual.items():
         ix = expert_index(k)
