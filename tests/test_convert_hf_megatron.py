@@ -324,9 +324,12 @@ def test_cli_rename_map_spec(tmp_path: Path) -> None:
 EXPERTS, MOE_FFN = 2, 32
 
 
-def hf_mixtral() -> dict[str, torch.Tensor]:
-    """A tiny MixtralForCausalLM state dict: GQA, padded vocab, 2 SwiGLU experts."""
-    g = torch.Generator().manual_seed(11)
+def hf_mixtral(
+    experts: int = EXPERTS, moe_ffn: int = MOE_FFN, seed: int = 11
+) -> dict[str, torch.Tensor]:
+    """A tiny MixtralForCausalLM state dict: GQA, padded vocab, ``experts`` SwiGLU
+    experts of width ``moe_ffn`` per layer."""
+    g = torch.Generator().manual_seed(seed)
 
     def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * scale
@@ -338,12 +341,12 @@ def hf_mixtral() -> dict[str, torch.Tensor]:
         _hf_attention(w, p, r)
         w[p + "input_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
         w[p + "post_attention_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
-        w[p + "block_sparse_moe.gate.weight"] = r(EXPERTS, HIDDEN)
-        for e in range(EXPERTS):
+        w[p + "block_sparse_moe.gate.weight"] = r(experts, HIDDEN)
+        for e in range(experts):
             b = f"{p}block_sparse_moe.experts.{e}."
-            w[b + "w1.weight"] = r(MOE_FFN, HIDDEN, scale=s)
-            w[b + "w3.weight"] = r(MOE_FFN, HIDDEN, scale=s)
-            w[b + "w2.weight"] = r(HIDDEN, MOE_FFN, scale=1 / math.sqrt(MOE_FFN))
+            w[b + "w1.weight"] = r(moe_ffn, HIDDEN, scale=s)
+            w[b + "w3.weight"] = r(moe_ffn, HIDDEN, scale=s)
+            w[b + "w2.weight"] = r(HIDDEN, moe_ffn, scale=1 / math.sqrt(moe_ffn))
     return w
 
 

@@ -46,8 +46,7 @@ from test_convert_hf_megatron import (
     KV,
     LAYERS,
     VOCAB,
-    _hf_attention,
-    _hf_embeddings,
+    hf_mixtral,
     rank_models_ep,
 )
 from test_convert_megatron import canonical_moe, read_universal
@@ -86,25 +85,7 @@ Shard = tuple[str, tuple[int, ...], tuple[torch.Tensor, tuple[int, ...]]]  # key
 
 def hf_moe(experts: int = EXPERTS) -> dict[str, torch.Tensor]:
     """A tiny MixtralForCausalLM state dict with ``experts`` SwiGLU experts per layer."""
-    g = torch.Generator().manual_seed(23)
-
-    def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
-
-    w = _hf_embeddings(r)
-    s = 1 / math.sqrt(HIDDEN)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        _hf_attention(w, p, r)
-        w[p + "input_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
-        w[p + "post_attention_layernorm.weight"] = 1 + r(HIDDEN, scale=0.1)
-        w[p + "block_sparse_moe.gate.weight"] = r(experts, HIDDEN)
-        for e in range(experts):
-            b = f"{p}block_sparse_moe.experts.{e}."
-            w[b + "w1.weight"] = r(MOE_FFN, HIDDEN, scale=s)
-            w[b + "w3.weight"] = r(MOE_FFN, HIDDEN, scale=s)
-            w[b + "w2.weight"] = r(HIDDEN, MOE_FFN, scale=1 / math.sqrt(MOE_FFN))
-    return w
+    return hf_mixtral(experts, MOE_FFN, seed=23)
 
 
 def _to_megatron(src: Path, dst: Path, layout: tuple[tuple[str, int], ...], **kw: object) -> Path:
