@@ -40,6 +40,11 @@ from ckptd.converters.sources.megatron_chunks import flatten_model
 from ckptd.converters.sources.megatron_optim import parse_optimizer, split_optim_name
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
+#: Model entries that are buffers, not parameters: DDP builds its buffers from
+#: ``module.parameters()`` only, and the router's ``expert_bias`` (core 0.16
+#: ``transformer/moe/router.py``) is ``register_buffer``ed; TE's ``_extra_state`` is no
+#: tensor of the optimizer either.
+NOT_PARAMS = (".router.expert_bias", "_extra_state")
 
 
 def _pad(n: int, divisor: int) -> int:
@@ -193,6 +198,7 @@ def rewrite_as_distributed(
         # parse_optimizer takes the chunks concatenated (Megatron's param group order)
         model = flatten_model({k: obj[k] for k in chunk_keys}) if vpp > 1 else flatten_model(
             obj["model"])  # fmt: skip
+        params = {k: t for k, t in model.items() if not k.endswith(NOT_PARAMS)}
         prefixes = [f"{k}." if vpp > 1 else "" for k in chunk_keys]
         parsed = parse_optimizer(obj["optimizer"], model, str(f))
         values: dict[str, dict[str, torch.Tensor]] = {}
@@ -203,7 +209,7 @@ def rewrite_as_distributed(
                 step = float(t)
                 continue
             values.setdefault(key, {})["param" if kind == "fp32" else kind] = t
-        for key, t in model.items():  # an fp32 parameter is its own main param
+        for key, t in params.items():  # an fp32 parameter is its own main param
             values[key].setdefault("param", t.float())
         pp_rank = int(d.split("_")[3]) if pp > 1 else 0  # mp_rank_TT_PPP[_EEE]
         subs = obj["optimizer"] if isinstance(obj["optimizer"], list) else [obj["optimizer"]]
@@ -212,7 +218,7 @@ def rewrite_as_distributed(
         merged: list[dict[Any, Any]] = [{} if legacy else {"buckets_coalesced": True}
                                          for _ in subs]  # fmt: skip
         for v, prefix in enumerate(prefixes):
-            chunk = {k: t for k, t in model.items() if k.startswith(prefix)}
+            chunk = {k: t for k, t in params.items() if k.startswith(prefix)}
             first, last = pp_rank == 0 and v == 0, pp_rank == pp - 1 and v == vpp - 1
             shared: frozenset[str] = frozenset()
             if tied and pp * vpp > 1 and first:

@@ -18,18 +18,22 @@ equal to the legacy source's universal form. A LLaMA-MoE with ``--add-bias-linea
 (dense, router and routed-expert biases) round-trips through TP2xPP2xEP2 rank files
 that split the biases as Megatron's column/row-parallel layers do.
 
-Two gaps of the Megatron optimizer handling are strict xfails at the end (the shared
-expert's parameter order, optimizer state around the ``expert_bias`` buffer).
+``shared_ffn`` is derived from the shapes by the Megatron target and the legacy source.
+At the end, the Megatron optimizer around these modules: the shared expert's parameters
+in ``named_parameters`` order (``gate_weight`` first), and optimizer state of a model
+with the ``expert_bias`` buffer (which has none) written and read back.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from megatron_distopt_fixture import rewrite_as_distributed
 from models_tiny import megatron_moe_forward, qwen2_moe_forward
 from safetensors.torch import load_file, save_file
 from test_convert_hf_megatron import (
@@ -49,13 +53,15 @@ from test_convert_megatron_dist_moe import _ep_ranks, mcore_shards, moe_args, sa
 import ckpt
 from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.base import PlanError
+from ckptd.converters.sources.megatron import RANK_FILE, SIDECAR
 from ckptd.converters.sources.namemap import load_name_map
 from ckptd.converters.spec import MissingVariableError, compile_spec, load_shipped
 
 EXPERTS, MOE_FFN, SHARED_FFN = 4, 32, 48  # the shared expert is wider, as in Qwen2-MoE
 QWEN = "hf_qwen2_moe_to_megatron"
 SHARED_GATE = "mlp.shared_expert_gate.weight"
-# the shared expert's width is no tensor the Megatron target derives it from: --var
+# shared_ffn is derived from the shapes; the fixture passes it as Megatron runs state it,
+# and test_shared_ffn_is_derived_from_the_shapes checks that the same files come without
 VARS = (("heads", HEADS), ("shared_ffn", SHARED_FFN))
 
 
@@ -206,12 +212,14 @@ def test_qwen2_moe_forward_equal_from_hf_and_megatron_ranks(qwen: Path, top_k: i
 
 
 def test_shared_experts_need_their_width(qwen: Path, tmp_path: Path) -> None:
-    """The width of the shared expert's gate/up parts is a variable: without it the
-    Megatron target cannot split linear_fc1 and says which variable to pass."""
+    """The width of the shared expert's gate/up parts is a spec variable: the Megatron
+    formats derive it from the shapes, but a source that derives no variables (the
+    universal format) needs it to split linear_fc1 by name map, and says which to pass."""
     with pytest.raises(MissingVariableError, match=r"'shared_ffn' has no value.*pass shared_ffn="):
-        convert(str(qwen / "uni"), str(tmp_path / "m"), ConvertOptions(
-            target_format="megatron", target_layout=(("tp", 2),),
-            variables=(("heads", HEADS),)))  # fmt: skip
+        convert(str(qwen / "uni"), str(tmp_path / "hf"), ConvertOptions(
+            target_format="hf", name_map=load_name_map(f"reverse:{QWEN}"),
+            variables=(("heads", HEADS), ("kv_heads", KV), ("head_dim", HD),
+                       ("moe_ffn", MOE_FFN))))  # fmt: skip
     key = "decoder.layers.0.mlp.shared_experts.linear_fc1.weight"
     spec = compile_spec(load_shipped("megatron_llama"), {"tp": 2, "layers": LAYERS},
                         coords={"tp": 1})  # fmt: skip
@@ -220,6 +228,52 @@ def test_shared_experts_need_their_width(qwen: Path, tmp_path: Path) -> None:
     spec = compile_spec(load_shipped("megatron_llama"), {"tp": 2, "layers": LAYERS,
                                                          "shared_ffn": 6}, coords={"tp": 1})
     assert spec.layout_for([key]).rules[key] == ckpt.Fused(0, parts=(6, 6), index=1, count=2)
+
+
+def test_shared_ffn_is_derived_from_the_shapes(qwen: Path, tmp_path: Path) -> None:
+    """No ``--var shared_ffn`` anywhere: the Megatron target derives it from the canonical
+    shared fc1 (rows / 2), the legacy source from a rank's TP shard of it (rows / 2 x TP),
+    also without the sidecar (rank files as Megatron-LM writes them); an explicit --var
+    still wins."""
+    ref = hf_qwen2_moe()
+    heads = (("heads", HEADS),)
+    meg = tmp_path / "meg"
+    convert(str(qwen / "hf"), str(meg), ConvertOptions(
+        target_format="megatron", target_layout=(("tp", 2), ("pp", 2), ("ep", 2)),
+        variables=heads, name_map=load_name_map(QWEN)))  # fmt: skip
+    side = json.loads((meg / SIDECAR).read_text())
+    assert side["variables"]["shared_ffn"] == SHARED_FFN
+    # the very rank files that --var shared_ffn gave, in the same order
+    want = rank_models_ep(qwen / "meg222")
+    got = rank_models_ep(meg)
+    assert got.keys() == want.keys()
+    for r, m in want.items():
+        assert list(got[r]) == list(m), r
+        assert all(torch.equal(got[r][k], t) for k, t in m.items()), r
+    # HF -> Megatron -> universal -> Megatron (TP1xPP1xEP4) -> HF
+    convert(str(meg), str(tmp_path / "uni"))
+    uni = read_universal(str(tmp_path / "uni"))
+    assert all(torch.equal(uni[n], t) for n, t in read_universal(str(qwen / "uni")).items())
+    convert(str(tmp_path / "uni"), str(tmp_path / "meg114"), ConvertOptions(
+        target_format="megatron", target_layout=(("ep", 4),), variables=heads))  # fmt: skip
+    rev = load_name_map(f"reverse:{QWEN}")
+    convert(str(tmp_path / "meg114"), str(tmp_path / "hf"),
+            ConvertOptions(target_format="hf", name_map=rev))  # fmt: skip
+    back = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert back.keys() == ref.keys() and all(torch.equal(back[n], t) for n, t in ref.items())
+    # without the sidecar the legacy source reads the width off a TP shard (48 of 96 rows
+    # of [gate_r; up_r] on each of 2 TP ranks): the reverse map splits fc1 with it
+    (meg / SIDECAR).unlink()
+    given = tuple((k, v) for k, v in side["variables"].items()
+                  if k not in ("shared_ffn", "experts", "moe_ffn"))  # fmt: skip
+    convert(str(meg), str(tmp_path / "hf2"), ConvertOptions(
+        target_format="hf", name_map=rev, variables=given))  # fmt: skip
+    back = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert back.keys() == ref.keys() and all(torch.equal(back[n], t) for n, t in ref.items())
+    # an explicit --var wins over the shapes (here a wrong one, so the split fails)
+    with pytest.raises(PlanError, match="fused parts sum to 32"):
+        convert(str(tmp_path / "uni"), str(tmp_path / "bad"), ConvertOptions(
+            target_format="megatron", variables=(*heads, ("shared_ffn", 16))))  # fmt: skip
 
 
 # ------------------------------------------- torch_dist with shared experts, expert_bias
@@ -353,14 +407,9 @@ def test_expert_biases_round_trip_split_as_megatron_does(tmp_path: Path) -> None
     assert all(torch.equal(again[n], t) for n, t in ref.items())
 
 
-# ------------------------------------------- known gaps in the Megatron optimizer order
-# (converters/sources/megatron_optim.py, owned elsewhere: strict xfails that turn into
-# failures once fixed, so that the marker is removed with the fix)
+# ------------------------------------------- the Megatron optimizer: order, buffers
 
 
-@pytest.mark.xfail(strict=True, reason="megatron_optim.module_order sorts shared_experts' "
-                   "keys by input order: Megatron registers gate_weight (SharedExpertMLP's "
-                   "own parameter) before its linear_fc1/linear_fc2 submodules")  # fmt: skip
 def test_shared_expert_keys_in_megatron_named_parameters_order(qwen: Path) -> None:
     """The optimizer state Megatron resumes from is indexed in named_parameters order:
     a module's own parameters, then its submodules' in registration order."""
@@ -370,28 +419,47 @@ def test_shared_expert_keys_in_megatron_named_parameters_order(qwen: Path) -> No
         b + "gate_weight", b + "linear_fc1.weight", b + "linear_fc2.weight"]
 
 
-@pytest.mark.xfail(strict=True, raises=PlanError, reason="the Megatron target asks for "
-                   "optimizer state of the router's expert_bias, a buffer the optimizer "
-                   "never sees (and the legacy source counts it in the no-weight-decay "
-                   "param group)")  # fmt: skip
 def test_expert_bias_buffer_has_no_optimizer_state(tmp_path: Path) -> None:
-    weights = canonical_moe_biased()
+    """A bf16 model whose routers keep an fp32 ``expert_bias`` buffer (Megatron-core's
+    ``_maintain_float32_expert_bias``): the target writes optimizer state for the
+    parameters only, and the legacy source reads it back, from the non-distributed
+    optimizer and from the distributed one (whose grad buffers hold no buffer)."""
+    weights = {k: v if k.endswith(".expert_bias") else v.to(torch.bfloat16)
+               for k, v in canonical_moe_biased().items()}  # fmt: skip
     full = dict(weights)
     g = torch.Generator().manual_seed(17)
     for n, t in weights.items():
         if n.endswith(".expert_bias"):
             continue  # a persistent buffer: saved with the model, not optimized
-        full[f"optim.state.{n}.exp_avg"] = torch.randn(t.shape, generator=g).to(t.dtype)
-        full[f"optim.state.{n}.exp_avg_sq"] = torch.randn(t.shape, generator=g).abs().to(t.dtype)
+        full[f"optim.state.{n}.exp_avg"] = torch.randn(t.shape, generator=g)
+        full[f"optim.state.{n}.exp_avg_sq"] = torch.randn(t.shape, generator=g).abs()
         full[f"optim.state.{n}.step"] = torch.tensor(3.0)
-        if t.dtype == torch.bfloat16:
-            full[f"optim.state.{n}.fp32"] = t.float()
+        full[f"optim.state.{n}.fp32"] = torch.randn(t.shape, generator=g)
     (tmp_path / "hf").mkdir()
     save_file(full, str(tmp_path / "hf" / "model.safetensors"))
-    convert(str(tmp_path / "hf"), str(tmp_path / "meg"), ConvertOptions(
+    meg = tmp_path / "meg"
+    convert(str(tmp_path / "hf"), str(meg), ConvertOptions(
         target_format="megatron", target_layout=(("tp", 2), ("ep", 2)),
         variables=(("heads", LHEADS),)))  # fmt: skip
-    convert(str(tmp_path / "meg"), str(tmp_path / "u"))
-    got = read_universal(str(tmp_path / "u"))
-    assert got.keys() == full.keys()
-    assert all(torch.equal(got[n], t) for n, t in full.items())
+    obj = torch.load(meg / "iter_0000000" / "mp_rank_01_001" / RANK_FILE, weights_only=True)
+    bias = "decoder.layers.1.mlp.router.expert_bias"
+    assert obj["model"][bias].dtype == torch.float32
+    # Megatron's indices: the dense optimizer's params in model order, expert_bias skipped
+    dense = [k for k in obj["model"] if ".experts." not in k and not k.endswith("expert_bias")]
+    sd = obj["optimizer"][0]["optimizer"]
+    assert sum(len(grp["params"]) for grp in sd["param_groups"]) == len(sd["state"]) == len(dense)
+    # optimizer state given for the buffer is refused rather than dropped unseen
+    (tmp_path / "bad").mkdir()
+    save_file({**full, f"optim.state.{bias}.exp_avg": torch.zeros(2)},
+              str(tmp_path / "bad" / "model.safetensors"))  # fmt: skip
+    with pytest.raises(PlanError, match="a buffer"):
+        convert(str(tmp_path / "bad"), str(tmp_path / "meg-bad"), ConvertOptions(
+            target_format="megatron", variables=(("heads", LHEADS),)))  # fmt: skip
+    for u in ("u", "u-distopt"):
+        if u == "u-distopt":
+            rewrite_as_distributed(meg, pp=1, dp=2, bucket_size=300, expert_parallel=True)
+        convert(str(meg), str(tmp_path / u))
+        got = read_universal(str(tmp_path / u))
+        assert got.keys() == full.keys(), u
+        for n, t in full.items():
+            assert got[n].dtype == t.dtype and torch.equal(got[n], t), (u, n)

@@ -41,7 +41,8 @@ The model variables (``heads``, ``kv_heads``,
 first found wins, from the ``variables`` argument (``--var heads=8 --var kv_heads=2``)
 and the sidecar
 ``ckptd_megatron.json`` (``{"variables": {...}}``, written by the Megatron target);
-``experts`` and ``moe_ffn`` are derived from the expert tensors when not given.
+``experts``, ``moe_ffn`` and ``shared_ffn`` are derived from the expert tensors when not
+given.
 Each rank's local keys are laid out with the shipped spec (``megatron_llama`` unless
 ``spec`` says otherwise) compiled for the rank's coordinates; a canonical tensor is
 assembled from the pieces of only the ranks that hold it, one tensor at a time, with at
@@ -54,7 +55,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,6 +82,7 @@ from ckptd.converters.sources.megatron_chunks import (
 )
 from ckptd.converters.sources.megatron_distopt import DistOptHints, parse_dist_optimizer
 from ckptd.converters.sources.megatron_optim import parse_optimizer
+from ckptd.converters.sources.megatron_vars import moe_variables
 from ckptd.converters.spec.errors import SpecError
 from ckptd.dtypes import dtype_name, torch_dtype
 from ckptd.errors import LayoutError
@@ -97,7 +98,6 @@ SIDECAR = "ckptd_megatron.json"
 DEFAULT_SPEC = "megatron_llama"
 _RANK_DIR = markers.MEGATRON_RANK_DIR
 _ITER_DIR = markers.MEGATRON_ITER_DIR
-_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.linear_fc1\.weight$")
 MAX_OPEN = 8  # rank files kept mapped at once (one TP group of a stage, up to this)
 
 
@@ -278,12 +278,12 @@ class MegatronSource(InventorySource):
             ) from None
 
     def _derive(self, flat: Mapping[str, Any]) -> None:
-        """``experts`` and ``moe_ffn`` from the first rank's expert tensors, if not given."""
-        local = [(int(m.group(1)), v) for k, v in flat.items() if (m := _EXPERT.search(k))]
-        if not local or not all(isinstance(v, torch.Tensor) for _, v in local):
-            return
-        self.variables.setdefault("experts", (max(e for e, _ in local) + 1) * self.ep)
-        self.variables.setdefault("moe_ffn", local[0][1].shape[0] * self.tp // 2)
+        """``experts``, ``moe_ffn``, ``shared_ffn`` from a rank's TP-sharded tensors
+        (:mod:`.megatron_vars`) where not given; every rank is asked before its layout,
+        so a first stage without MoE layers does not hide them."""
+        shapes = {k: tuple(v.shape) for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        for k, v in moe_variables(shapes, tp=self.tp, ep=self.ep).items():
+            self.variables.setdefault(k, v)
 
     def _local_tensors(self, idx: int, obj: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The rank's model entries plus its optimizer tensors (``optim.state.<key>.<kind>``,
@@ -312,8 +312,8 @@ class MegatronSource(InventorySource):
         for idx, rank in enumerate(self.ranks):
             obj = load_rank_file(rank.path)
             self._count_chunks(idx, obj)
+            self._derive(rank_model(obj, rank.path))
             if idx == 0:
-                self._derive(rank_model(obj, rank.path))
                 self._first_state(obj)
             flat, parsed = self._local_tensors(idx, obj)
             del obj

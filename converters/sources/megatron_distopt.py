@@ -24,9 +24,10 @@ The layout is not stored; it is rebuilt as Megatron-Core builds it
 (``distributed/param_and_grad_buffer.py``, ``distributed_data_parallel.py``):
 
 - parameters (the rank's ``model`` dict order, which is ``named_parameters`` order,
-  without ``_extra_state``) go to the dense buffers, or with EP > 1 the ``.experts.``
-  ones to the expert optimizer's; one buffer per parameter dtype, in order of first
-  appearance;
+  without ``_extra_state`` and buffers such as the router's ``expert_bias``, which DDP
+  never sees: ``megatron_optim.is_param_key``) go to the dense buffers, or with EP > 1
+  the ``.experts.`` ones to the expert optimizer's; one buffer per parameter dtype, in
+  order of first appearance;
 - a buffer takes its parameters in *reverse* order, each starting at a multiple of 64
   elements from its bucket's start; a bucket closes once it holds ``bucket_size``
   elements (``--ddp-bucket-size``, default ``max(4e7, 1e6 * dp)``; no bucketing without

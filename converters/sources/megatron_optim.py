@@ -17,16 +17,17 @@ What ``model_optim_rng.pt`` holds under ``"optimizer"`` (Megatron-LM
 The torch state dict keys each parameter by its index: indices run over the param
 groups in order, and a group lists its parameters in the model's ``named_parameters``
 order, which is the order of the rank's ``model`` state dict (minus ``_extra_state``
-entries). With virtual pipeline parallelism (``model0`` .. ``model{vpp-1}``) the groups
-run over all model chunks in order (Megatron-Core ``_get_param_groups(model_chunks)``:
-chunk 0's parameters of a group, then chunk 1's, each in ``named_parameters`` order):
-the caller passes the chunks' entries concatenated under chunk-qualified keys
-(``model0.<key>``, :mod:`.megatron_chunks`), and so does :func:`build_optimizer`'s.
-Megatron-Core's default param groups split the parameters into classes:
-weight decay or not (1-D tensors and ``*.bias`` have none) and dense or expert-parallel
-(``.experts.`` in the name); no names are stored. A group is matched to the class whose
-parameters it can hold (same count, every ``exp_avg`` of the parameter's shape), so
-both Megatron's older group order (first appearance) and its newer one (sorted) read.
+entries and persistent buffers such as the router's ``expert_bias``: :func:`is_param_key`).
+With virtual pipeline parallelism (``model0`` .. ``model{vpp-1}``) the groups run over
+all model chunks in order (Megatron-Core ``_get_param_groups(model_chunks)``: chunk 0's
+parameters of a group, then chunk 1's, each in ``named_parameters`` order): the caller
+passes the chunks' entries concatenated under chunk-qualified keys (``model0.<key>``,
+:mod:`.megatron_chunks`), and so does :func:`build_optimizer`'s. Megatron-Core's
+default param groups split the parameters into classes: weight decay or not (1-D
+tensors and ``*.bias`` have none) and dense or expert-parallel (``.experts.`` in the
+name); no names are stored. A group is matched to the class whose parameters it can
+hold (same count, every ``exp_avg`` of the parameter's shape), so both Megatron's older
+group order (first appearance) and its newer one (sorted) read.
 A group that matches no class (custom ``--no-weight-decay`` rules, frozen parameters)
 is a :class:`SourceFormatError` naming the file and the group.
 
@@ -42,8 +43,7 @@ Universal names (those of ``ckpt.save`` and the DeepSpeed source):
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,47 +99,81 @@ def param_class(key: str, ndim: int) -> tuple[bool, bool]:
     return ".experts." in key, ndim == 1 or key.endswith(".bias")
 
 
+#: Persistent buffers in a Megatron-Core model's state dict: saved with the model, never
+#: given to the optimizer (so no optimizer state, no place in a param group or a DDP grad
+#: buffer). Megatron-Core 0.16 ``transformer/moe/router.py`` (TopKRouter.__init__)
+#: registers ``expert_bias`` (``--moe-router-enable-expert-bias``) as a persistent fp32
+#: buffer; its ``local_tokens_per_expert``, ``global_tokens_per_expert`` and ``ga_steps``
+#: are buffers with ``persistent=False`` and so never saved, but they are not parameters
+#: either should a state dict hold them.
+_BUFFER_SUFFIXES = tuple(
+    f".router.{b}"
+    for b in ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
+)
+
+
 def is_param_key(key: str) -> bool:
-    """Model entries that are parameters (TE's ``_extra_state`` is not)."""
-    return not key.endswith("_extra_state")
+    """Model entries that are parameters: not TE's ``_extra_state``, not a buffer
+    (:data:`_BUFFER_SUFFIXES`)."""
+    return not key.endswith("_extra_state") and not key.endswith(_BUFFER_SUFFIXES)
 
 
-# Megatron-Core GPTModel's module registration order, which is named_parameters order
-# (SelfAttention builds linear_proj in Attention.__init__ before its own linear_qkv;
-# TE's LayerNormLinear registers its norm before its weight).
-_TOP = ("embedding.word_embeddings.", "embedding.position_embeddings.", "decoder.layers.",
-        "decoder.final_layernorm.", "output_layer.")  # fmt: skip
-_IN_LAYER = ("input_layernorm.", "self_attention.linear_proj.", "self_attention.linear_qkv.",
-             "self_attention.q_layernorm.", "self_attention.k_layernorm.",
-             "pre_cross_attn_layernorm.", "cross_attention.", "pre_mlp_layernorm.",
-             "mlp.router.", "mlp.experts.", "mlp.shared_experts.", "mlp.linear_fc1.",
-             "mlp.linear_fc2.")  # fmt: skip
+# Megatron-Core GPTModel's module registration order. named_parameters (and the model
+# state dict) walk the module tree in pre-order: a module's own parameters (then its
+# buffers and extra state) in registration order, then each child module's subtree in
+# registration order. One table serves every level because only siblings are compared
+# and it lists each module type's children in their order: GPTModel (embedding, decoder,
+# mtp, output_layer), LanguageModelEmbedding, TransformerBlock (layers, final_layernorm),
+# TransformerLayer, Attention (core_attention, linear_proj; then SelfAttention's
+# linear_qkv, q/k_layernorm or CrossAttention's linear_q, linear_kv), MoELayer (router,
+# experts, shared_experts), SequentialMLP (local_experts), MLP (linear_fc1, linear_fc2).
+_CHILDREN = {
+    name: i
+    for i, name in enumerate((
+        "embedding", "word_embeddings", "position_embeddings", "tokentype_embeddings",
+        "decoder", "layers", "input_layernorm", "self_attention", "core_attention",
+        "linear_proj", "linear_qkv", "linear_q", "linear_kv", "q_layernorm", "k_layernorm",
+        "pre_cross_attn_layernorm", "cross_attention", "pre_mlp_layernorm", "mlp", "router",
+        "experts", "local_experts", "shared_experts", "linear_fc1", "linear_fc2",
+        "final_layernorm", "mtp", "output_layer",
+    ))
+}  # fmt: skip
+# A module's own parameters: TE's LayerNormLinear registers its norm before its weight.
+# Others (SharedExpertMLP's gate_weight, buffers such as the router's expert_bias, TE's
+# _extra_state, which state_dict saves after the parameters) keep their input order.
 _LEAF = ("layer_norm_weight", "layer_norm_bias", "weight", "bias")
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_EXPERT_KEY = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 
 
-def module_order(key: str) -> tuple[Any, ...]:
-    """Sort key putting Megatron-Core GPT local keys in ``named_parameters`` order.
+def named_parameters_order(keys: Iterable[str]) -> list[str]:
+    """Megatron-Core GPT local keys sorted into ``named_parameters`` (pre-order) order.
 
-    Keys it does not know sort after the known ones of their level, keeping their
-    relative order (the sort is stable)."""
-    top = next((i for i, p in enumerate(_TOP) if key.startswith(p)), len(_TOP))
-    m = _LAYER_KEY.match(key)
-    if m is None:
-        return (top, 0, 0, 0, _leaf(key))
-    rest = m.group(2)
-    sub = next((i for i, p in enumerate(_IN_LAYER) if rest.startswith(p)), len(_IN_LAYER))
-    e = _EXPERT_KEY.match(rest)
-    expert = int(e.group(1)) if e else 0
-    inner = e.group(2) if e else rest
-    fc = 0 if inner.startswith("linear_fc1.") else 1
-    return (top, int(m.group(1)), sub, (expert, fc), _leaf(key))
+    A module's own entries (a key's last component) come before its child modules (the
+    table above; ModuleList indices numerically), e.g. SharedExpertMLP's ``gate_weight``
+    before its ``linear_fc1``/``linear_fc2``. A child name the table does not know sorts
+    after the known siblings, unknown siblings in order of first appearance in ``keys``,
+    with its whole subtree kept together."""
+    keys = list(keys)
+    first: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            first.setdefault(".".join(parts[:i]), len(first))
 
+    def rank(key: str) -> tuple[tuple[int, ...], ...]:
+        parts = key.split(".")
+        out: list[tuple[int, ...]] = []
+        for i, c in enumerate(parts[:-1]):
+            if c.isdigit():
+                out.append((1, 0, int(c)))
+            elif c in _CHILDREN:
+                out.append((1, 1, _CHILDREN[c]))
+            else:
+                out.append((1, 2, first[".".join(parts[: i + 1])]))
+        leaf = parts[-1]
+        out.append((0, _LEAF.index(leaf) if leaf in _LEAF else len(_LEAF)))
+        return tuple(out)
 
-def _leaf(key: str) -> int:
-    leaf = key.rpartition(".")[2]
-    return _LEAF.index(leaf) if leaf in _LEAF else len(_LEAF)
+    return sorted(keys, key=rank)
 
 
 # ------------------------------------------------------------------------------ read
@@ -321,17 +355,26 @@ def build_optimizer(
 def check_optim_names(names: Sequence[str], params: Mapping[str, torch.dtype]) -> None:
     """Every param with optimizer state has the kinds Megatron's optimizer needs.
 
-    ``params``: canonical parameter name -> dtype. Raises :class:`PlanError` naming the
-    parameter otherwise (or an optimizer tensor of no parameter)."""
+    ``params``: canonical model tensor name -> dtype; buffers among them (the router's
+    ``expert_bias``, :func:`is_param_key`) need no state and may have none. Raises
+    :class:`PlanError` naming the parameter otherwise (or an optimizer tensor of no
+    parameter)."""
     kinds: dict[str, set[str]] = {}
     for n in names:
         pk = split_optim_name(n)
         if pk is None or pk[0] not in params:
             raise PlanError(f"megatron target: optimizer tensor {n!r} belongs to no parameter")
+        if not is_param_key(pk[0]):
+            raise PlanError(
+                f"megatron target: optimizer tensor {n!r} belongs to {pk[0]!r}, a buffer "
+                "(Megatron's optimizer never sees it); drop it or use --weights-only"
+            )
         kinds.setdefault(pk[0], set()).add(pk[1])
     if not kinds:
         return
     for p, dtype in params.items():
+        if not is_param_key(p):
+            continue
         need = set(REQUIRED) | ({MASTER} if dtype in HALF else set())
         missing = sorted(need - kinds.get(p, set()))
         if missing:

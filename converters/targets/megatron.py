@@ -12,8 +12,8 @@ The layout comes from ``TargetOptions.target_layout`` (``--target-layout
 tp=4,pp=2,ep=2[,vpp=2]``) and the model variables from ``TargetOptions.variables`` (``--var
 heads=..``), or from the constructor (``tp``, ``pp``, ``ep``, ``variables``). Variables
 that the canonical tensors determine (``vocab``, ``hidden``, ``layers``, ``ffn``,
-``experts``, ``moe_ffn``, and ``head_dim``/``kv_heads`` once ``heads`` is known) are
-derived; ``heads`` must be given.
+``experts``, ``moe_ffn``, ``shared_ffn``, and ``head_dim``/``kv_heads`` once ``heads`` is
+known) are derived; ``heads`` must be given.
 
 Each canonical tensor is split with the shipped spec compiled for each rank (the inverse
 of the source's assembly): a rank's local tensor is allocated with zeros (vocabulary
@@ -72,10 +72,11 @@ from ckptd.converters.sources.megatron_optim import (
     MASTER,
     build_optimizer,
     check_optim_names,
-    module_order,
+    named_parameters_order,
     optim_name,
     split_optim_name,
 )
+from ckptd.converters.sources.megatron_vars import moe_variables
 from ckptd.converters.spec.errors import SpecError
 from ckptd.converters.targets.base import (
     COMPLETE_MARKER,
@@ -181,12 +182,7 @@ class MegatronTarget(Target):
         fc1 = by.get("decoder.layers.0.mlp.linear_fc1.weight")
         if fc1 is not None:
             v["ffn"] = fc1.shape[0] // 2
-        experts = [(int(m.group(2)), t) for t in model for m in [_EXPERT.search(t.name)] if m]
-        if experts:
-            v["experts"] = max(e for e, _ in experts) + 1
-            efc1 = next((t for _, t in experts if t.name.endswith(".linear_fc1.weight")), None)
-            if efc1 is not None:
-                v["moe_ffn"] = efc1.shape[0] // 2
+        v.update(moe_variables({t.name: t.shape for t in model}))  # canonical: tp = ep = 1
         v.update(self.user_vars)
         qkv = by.get("decoder.layers.0.self_attention.linear_qkv.weight")
         if "heads" in v and "hidden" in v:
@@ -333,7 +329,7 @@ class MegatronTarget(Target):
                     f"{where}: {tm.name!r} laid out as "
                     f"{tm.dtype}{list(tm.shape)}, canonical is {want.get(tm.name)}"
                 )
-        order = sorted(model, key=module_order)
+        order = named_parameters_order(model)
         return rl.entries, order, [(lk, pk, kind) for lk, pk, kind, _ in optim]
 
     def layout(self, tensors: Sequence[TensorInfo]) -> TargetLayout:
