@@ -590,6 +590,34 @@ def load_pt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def run_ranks(script: Path, root: Path, what: str, world: int = 2) -> None:
+    """Run ``script root`` as ``world`` gloo ranks on 127.0.0.1 (torchrun's environment);
+    fail the test with their output if any exits non-zero (400 s bound, then killed)."""
+    import subprocess
+    import sys
+
+    import pytest
+    from daemon_harness import free_port
+
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(root)],
+                         env=launcher_env(rank, world, port), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for rank in range(world)
+    ]  # fmt: skip
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    if any(p.returncode for p in procs):
+        pytest.fail(f"{what} failed:\n" + "\n".join(o[-4000:] for o in outs))
+
+
 def launcher_env(rank: int, world: int, port: str) -> dict[str, str]:
     """The environment a torchrun-style launcher gives rank ``rank`` (on 127.0.0.1)."""
     return os.environ | {

@@ -17,8 +17,6 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -26,7 +24,6 @@ import deepspeed_fixture as fx
 import pytest
 import torch
 from click.testing import CliRunner
-from daemon_harness import free_port
 
 from ckptd.converters.cli import main as cli
 from ckptd.converters.convert import ConvertOptions, convert
@@ -253,27 +250,7 @@ def real_pipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"deepspeed is not importable ({type(e).__name__}: {e})")
     root = tmp_path_factory.mktemp("ds-pipe-real")
     (root / "writer.py").write_text(WRITER)
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(root / "writer.py"), str(root)],
-            env=fx.launcher_env(rank, 2, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=400)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    if any(p.returncode for p in procs):
-        pytest.fail("DeepSpeed pipeline writer failed:\n" + "\n".join(o[-4000:] for o in outs))
+    fx.run_ranks(root / "writer.py", root, "DeepSpeed pipeline writer")
     return root
 
 

@@ -10,15 +10,12 @@ so this process never unpickles anything but tensors. Skipped without ``deepspee
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import deepspeed_fixture as fx
 import pytest
 import torch
-from daemon_harness import free_port
 
 from ckptd.converters.convert import ConvertOptions, convert
 from ckptd.converters.sources.deepspeed import DeepSpeedObject, DeepSpeedSource, load_pt
@@ -74,29 +71,7 @@ def real_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ds-real")
     script = root / "writer.py"
     script.write_text(WRITER)
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = fx.launcher_env(rank, 2, port)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(root)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=400)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    if any(p.returncode for p in procs):
-        pytest.fail("DeepSpeed writer failed:\n" + "\n".join(o[-4000:] for o in outs))
+    fx.run_ranks(script, root, "DeepSpeed writer")
     return root
 
 

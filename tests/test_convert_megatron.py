@@ -364,6 +364,36 @@ def optimizer_globals() -> tuple[dict, dict, dict]:
     return weights, masters, moments
 
 
+def optimizer_entries(model: dict, local: dict) -> dict:
+    """A rank file's ``optimizer``, ``opt_param_scheduler`` and ``rng_state`` as Megatron
+    writes them with the non-distributed optimizer: Float16OptimizerWithFloat16Params
+    over a real torch AdamW whose params are ``model``'s keys (in order), with fp32
+    masters and moments from ``local["fp32"]``, ``local["exp_avg"]``, ``local["exp_avg_sq"]``."""
+    import random
+
+    import numpy as np
+
+    groups = _groups_first_appearance(model)
+    params = {k: torch.nn.Parameter(local["fp32"][k].clone()) for k in model}
+    opt = torch.optim.AdamW(
+        [{"params": [params[k] for k in ks], "wd_mult": 0.0 if no_wd else 1.0,
+          "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
+         for no_wd, ks in groups.items()],
+        lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # fmt: skip
+    for k, prm in params.items():
+        opt.state[prm] = {"step": torch.tensor(float(ITER)), "exp_avg": local["exp_avg"][k],
+                          "exp_avg_sq": local["exp_avg_sq"][k]}  # fmt: skip
+    return {
+        "optimizer": {"optimizer": opt.state_dict(),
+                      "fp32_from_fp16_params": [[params[k].detach() for k in ks]
+                                                for ks in groups.values()]},
+        "opt_param_scheduler": SCHED,
+        "rng_state": [{"random_rng_state": random.getstate(),
+                       "np_rng_state": np.random.get_state(),
+                       "torch_rng_state": torch.get_rng_state()}],
+    }  # fmt: skip
+
+
 @pytest.fixture()
 def megatron_with_optimizer(tmp_path):
     """TP2xPP2 rank files as Megatron writes them with the non-distributed optimizer
@@ -373,9 +403,7 @@ def megatron_with_optimizer(tmp_path):
     weights (the slicing the weight round trips check); the optimizer around them is
     built the way Megatron builds it."""
     import argparse
-    import random
 
-    import numpy as np
 
     weights, masters, moments = optimizer_globals()
     kinds = {"model": weights, "fp32": masters,
@@ -393,31 +421,13 @@ def megatron_with_optimizer(tmp_path):
         for p in range(2):
             d = f"mp_rank_{t:02d}_{p:03d}"
             local = {k: rank_model(str(shards[k]), d) for k in kinds}
-            model = local["model"]
-            groups = _groups_first_appearance(model)
-            params = {k: torch.nn.Parameter(local["fp32"][k].clone()) for k in model}
-            opt = torch.optim.AdamW(
-                [{"params": [params[k] for k in ks], "wd_mult": 0.0 if no_wd else 1.0,
-                  "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
-                 for no_wd, ks in groups.items()],
-                lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # fmt: skip
-            for k, prm in params.items():
-                opt.state[prm] = {"step": torch.tensor(float(ITER)),
-                                  "exp_avg": local["exp_avg"][k],
-                                  "exp_avg_sq": local["exp_avg_sq"][k]}  # fmt: skip
             obj = {
                 "args": argparse.Namespace(tensor_model_parallel_size=2,
                                            pipeline_model_parallel_size=2, num_layers=LAYERS),
                 "checkpoint_version": 3.0,
                 "iteration": ITER,
-                "model": model,
-                "optimizer": {"optimizer": opt.state_dict(),
-                              "fp32_from_fp16_params": [[params[k].detach() for k in ks]
-                                                        for ks in groups.values()]},
-                "opt_param_scheduler": SCHED,
-                "rng_state": [{"random_rng_state": random.getstate(),
-                               "np_rng_state": np.random.get_state(),
-                               "torch_rng_state": torch.get_rng_state()}],
+                "model": local["model"],
+                **optimizer_entries(local["model"], local),
             }  # fmt: skip
             (meg / f"iter_{ITER:07d}" / d).mkdir(parents=True)
             torch.save(obj, meg / f"iter_{ITER:07d}" / d / "model_optim_rng.pt")

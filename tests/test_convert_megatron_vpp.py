@@ -34,6 +34,7 @@ from test_convert_megatron import (  # noqa: F401  (megatron_with_optimizer: a f
     _expected_universal,
     _groups_first_appearance,
     megatron_with_optimizer,
+    optimizer_entries,
     optimizer_globals,
     read_universal,
 )
@@ -201,9 +202,7 @@ def write_vpp_with_optimizer(tmp: Path, tp: int, pp: int, vpp: int) -> Path:
 
     The tensors are cut into chunk shards by converting each kind as if it were the
     weights (the slicing the weight round trips check)."""
-    import random
 
-    import numpy as np
 
     weights, masters, moments = optimizer_globals()
     kinds = {"model": weights, "fp32": masters,
@@ -224,18 +223,6 @@ def write_vpp_with_optimizer(tmp: Path, tp: int, pp: int, vpp: int) -> Path:
             q = {kind: {f"model{v}.{k}": x for v in range(vpp)
                         for k, x in obj_[f"model{v}"].items()}
                  for kind, obj_ in local.items()}  # fmt: skip
-            model = q["model"]
-            groups = _groups_first_appearance(model)
-            params = {k: torch.nn.Parameter(q["fp32"][k].clone()) for k in model}
-            opt = torch.optim.AdamW(
-                [{"params": [params[k] for k in ks], "wd_mult": 0.0 if no_wd else 1.0,
-                  "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
-                 for no_wd, ks in groups.items()],
-                lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # fmt: skip
-            for k, prm in params.items():
-                opt.state[prm] = {"step": torch.tensor(float(ITER)),
-                                  "exp_avg": q["exp_avg"][k],
-                                  "exp_avg_sq": q["exp_avg_sq"][k]}  # fmt: skip
             obj: dict[str, Any] = {
                 "args": argparse.Namespace(tensor_model_parallel_size=tp,
                                            pipeline_model_parallel_size=pp,
@@ -243,13 +230,7 @@ def write_vpp_with_optimizer(tmp: Path, tp: int, pp: int, vpp: int) -> Path:
                 "checkpoint_version": 3.0,
                 "iteration": ITER,
                 **{f"model{v}": local["model"][f"model{v}"] for v in range(vpp)},
-                "optimizer": {"optimizer": opt.state_dict(),
-                              "fp32_from_fp16_params": [[params[k].detach() for k in ks]
-                                                        for ks in groups.values()]},
-                "opt_param_scheduler": SCHED,
-                "rng_state": [{"random_rng_state": random.getstate(),
-                               "np_rng_state": np.random.get_state(),
-                               "torch_rng_state": torch.get_rng_state()}],
+                **optimizer_entries(q["model"], q),
             }  # fmt: skip
             rank_file(meg, t, p, ITER).parent.mkdir(parents=True)
             torch.save(obj, rank_file(meg, t, p, ITER))
