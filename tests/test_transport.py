@@ -109,11 +109,13 @@ def payload(n: int, seed: int = 0) -> bytes:
 class TransportTests:
     """Conformance suite: subclasses say how to bind (``bind_address``)."""
 
-    def bind_address(self, tmpdir: str) -> str:
+    @classmethod
+    def bind_address(cls, tmpdir: str) -> str:
         pytest.fail("a TransportTests subclass must provide bind_address()")
 
     @pytest.fixture(scope="class")
-    def sockdir(self) -> Iterator[str]:
+    @classmethod
+    def sockdir(cls) -> Iterator[str]:
         # Short path: unix socket paths are limited to 108 bytes.
         with tempfile.TemporaryDirectory(prefix="ckd-", dir="/tmp") as d:
             yield d
@@ -132,8 +134,9 @@ class TransportTests:
             p.stop()
 
     @pytest.fixture(scope="class")
-    def server(self, sockdir: str) -> Iterator[ServerProc]:
-        proc = ServerProc(self.bind_address(tempfile.mkdtemp(dir=sockdir)))
+    @classmethod
+    def server(cls, sockdir: str) -> Iterator[ServerProc]:  # one per class (classmethod)
+        proc = ServerProc(cls.bind_address(tempfile.mkdtemp(dir=sockdir)))
         yield proc
         proc.stop()
 
@@ -335,12 +338,14 @@ class TransportTests:
 
 
 class TestTcpTransport(TransportTests):
-    def bind_address(self, tmpdir: str) -> str:
+    @classmethod
+    def bind_address(cls, tmpdir: str) -> str:
         return "127.0.0.1:0"
 
 
 class TestUnixTransport(TransportTests):
-    def bind_address(self, tmpdir: str) -> str:
+    @classmethod
+    def bind_address(cls, tmpdir: str) -> str:
         return f"unix:{tmpdir}/data.sock"
 
 
