@@ -57,11 +57,18 @@ def _hf_attention(w: dict[str, torch.Tensor], p: str, r: Callable[..., torch.Ten
     w[p + "self_attn.o_proj.weight"] = r(HIDDEN, HEADS * HD, scale=s)
 
 
-def hf_llama(dtype: torch.dtype = torch.float32, layers: int = LAYERS) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
+def seeded_randn(seed: int, dtype: torch.dtype = torch.float32) -> Callable[..., torch.Tensor]:
+    """``r(*shape, scale=1.0)``: normal values times ``scale`` from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
 
     def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    return r
+
+
+def hf_llama(dtype: torch.dtype = torch.float32, layers: int = LAYERS) -> dict[str, torch.Tensor]:
+    r = seeded_randn(3, dtype)
 
     w = _hf_embeddings(r)
     s = 1 / math.sqrt(HIDDEN)
@@ -329,10 +336,7 @@ def hf_mixtral(
 ) -> dict[str, torch.Tensor]:
     """A tiny MixtralForCausalLM state dict: GQA, padded vocab, ``experts`` SwiGLU
     experts of width ``moe_ffn`` per layer."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
+    r = seeded_randn(seed)
 
     w = _hf_embeddings(r)
     s = 1 / math.sqrt(HIDDEN)

@@ -50,7 +50,8 @@ from test_convert_hf_megatron import (
     rank_models_ep,
 )
 from test_convert_megatron import canonical_moe, read_universal
-from test_convert_megatron_dist import assemble, flattened, write_aux
+from test_convert_megatron_dist import _LAYER, assemble, flattened, write_aux
+from test_convert_megatron_dist import TP_AXIS as DENSE_TP_AXIS
 
 from ckptd.converters.convert import ConvertOptions, convert, plan_conversion
 from ckptd.converters.sources import detect_source
@@ -62,13 +63,8 @@ TP, PP, EP = 2, 2, 2
 EXPERTS, MOE_FFN, FFN = 4, 32, 96
 MIXTRAL = "hf_mixtral_to_megatron"
 KINDS = (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("fp32_param", "fp32"))
-TP_AXIS = {  # Megatron-core's tensor-parallel axis per dense parameter (None: replicated)
-    "embedding.word_embeddings.weight": 0,
-    "output_layer.weight": 0,
-    "self_attention.linear_qkv.weight": 0,
-    "self_attention.linear_proj.weight": 1,
-    "mlp.linear_fc1.weight": 0,
-    "mlp.linear_fc2.weight": 1,
+TP_AXIS = {  # the dense model's tensor-parallel axes, plus:
+    **DENSE_TP_AXIS,
     # Qwen2-MoE-like models (tests/test_convert_shared_experts.py): the qkv bias splits
     # like its weight; SharedExpertMLP is an MLP on the tp group (fc1 gated, fc2 row)
     "self_attention.linear_qkv.bias": 0,
@@ -77,7 +73,6 @@ TP_AXIS = {  # Megatron-core's tensor-parallel axis per dense parameter (None: r
 }
 #: gated fc1 weights, which MLP.sharded_state_dict saves through the SwiGLU factory
 GLU_FC1 = ("mlp.linear_fc1.weight", "mlp.shared_experts.linear_fc1.weight")
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 
 Shard = tuple[str, tuple[int, ...], tuple[torch.Tensor, tuple[int, ...]]]  # key, gshape, ...

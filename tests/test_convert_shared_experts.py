@@ -46,6 +46,7 @@ from test_convert_hf_megatron import (
     _hf_attention,
     _hf_embeddings,
     rank_models_ep,
+    seeded_randn,
 )
 from test_convert_megatron import canonical_moe, rank_model, read_universal
 from test_convert_megatron_dist_moe import _ep_ranks, mcore_shards, moe_args, save_dist
@@ -67,10 +68,7 @@ VARS = (("heads", HEADS), ("shared_ffn", SHARED_FFN))
 
 def hf_qwen2_moe() -> dict[str, torch.Tensor]:
     """A tiny Qwen2MoeForCausalLM state dict (names as ``transformers`` saves them)."""
-    g = torch.Generator().manual_seed(31)
-
-    def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
+    r = seeded_randn(31)
 
     w = _hf_embeddings(r)
     s = 1 / math.sqrt(HIDDEN)
