@@ -32,6 +32,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -89,6 +90,7 @@ class WindowWriter:
         self.window_bytes = window_bytes
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
         self.direct = hasattr(os, "O_DIRECT")
+        self._flags_lock = threading.Lock()
         try:
             self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError as e:
@@ -136,19 +138,24 @@ class WindowWriter:
         offset = index * self.window_bytes
         done = 0
         while done < padded:
+            # read before the write: False only once O_DIRECT is off the file (_buffered)
+            direct = self.direct
             try:
                 done += os.pwrite(self._fd, view[done:padded], offset + done)
             except OSError as e:
-                if e.errno != errno.EINVAL or not self.direct:
+                if e.errno != errno.EINVAL or not direct:
                     raise
                 self._buffered()  # the filesystem refuses O_DIRECT writes: go buffered
         self._crcs[index] = crc
 
     def _buffered(self) -> None:
-        """Clear ``O_DIRECT`` on the open file (Linux allows it with ``F_SETFL``)."""
-        self.direct = False
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        """Clear ``O_DIRECT`` on the open file (Linux allows it with ``F_SETFL``), then
+        ``direct``: a writer thread that saw ``direct`` true may have failed on the flag
+        another thread is clearing, and retries; one that saw it false never had it."""
+        with self._flags_lock:
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            self.direct = False
 
     def drain(self) -> dict[int, int]:
         """Wait until every queued window is written; their CRC32Cs by window index."""
